@@ -1,0 +1,3 @@
+from backupkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""NBD: the only module that touches ovirt-imageio's private NBD client.
+
+ovirt_imageio._internal.nbd is not a public API; the version is pinned in
+pyproject.toml and tests/test_nbd.py runs it against a real qemu-nbd.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+from ovirt_imageio._internal import nbd as _nbd
+from ovirt_imageio._internal import nbdutil as _nbdutil
+
+from backupkit.errors import NbdError, NotFound
+from backupkit.proc import Process
+
+# NBD block status flags.
+STATE_HOLE = _nbd.STATE_HOLE
+STATE_ZERO = _nbd.STATE_ZERO
+STATE_DIRTY = _nbd.EXTENT_DIRTY
+
+MAX_REQUEST = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Extent:
+    start: int
+    length: int
+    zero: bool
+    dirty: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class Client:
+    """A connection to one NBD export (thin wrapper translating errors)."""
+
+    def __init__(self, socket_path: str, export: str = "", dirty: bool = False) -> None:
+        url = urllib.parse.urlparse(f"nbd:unix:{socket_path}:exportname={export}")
+        try:
+            self._c = _nbd.open(url, dirty=dirty)
+        except (OSError, _nbd.Error) as e:
+            raise NbdError(f"connect {socket_path} export {export!r}", str(e)) from e
+        self.dirty = dirty
+        self.export = export
+        if dirty and self._c.dirty_bitmap is None:
+            self._c.close()
+            raise NbdError(f"export {export!r}", "server exports no dirty bitmap")
+
+    @property
+    def size(self) -> int:
+        return int(self._c.export_size)
+
+    @property
+    def dirty_bitmap(self) -> str | None:
+        name = self._c.dirty_bitmap
+        return str(name) if name is not None else None
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        try:
+            self._c.readinto(offset, buf)
+        except (OSError, _nbd.Error) as e:
+            raise NbdError(f"read {len(buf)} bytes at {offset}", str(e)) from e
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._c.write(offset, data)
+        except (OSError, _nbd.Error) as e:
+            raise NbdError(f"write {len(data)} bytes at {offset}", str(e)) from e
+
+    def zero(self, offset: int, length: int) -> None:
+        try:
+            self._c.zero(offset, length)
+        except (OSError, _nbd.Error) as e:
+            raise NbdError(f"zero {length} bytes at {offset}", str(e)) from e
+
+    def flush(self) -> None:
+        try:
+            self._c.flush()
+        except (OSError, _nbd.Error) as e:
+            raise NbdError("flush", str(e)) from e
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Merged extents over the range; ``dirty`` only on a dirty connection."""
+        pos = offset
+        try:
+            for ext in _nbdutil.extents(self._c, offset, length, dirty=self.dirty):
+                yield Extent(
+                    pos,
+                    ext.length,
+                    zero=bool(ext.flags & STATE_ZERO),
+                    dirty=bool(ext.flags & STATE_DIRTY) if self.dirty else True,
+                )
+                pos += ext.length
+        except (OSError, _nbd.Error) as e:
+            raise NbdError(f"block status at {pos}", str(e)) from e
+
+    def close(self) -> None:
+        try:
+            self._c.close()
+        except (OSError, _nbd.Error):
+            pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class QemuNbd(Process):
+    """qemu-nbd serving one image on a unix socket; stops (then kills) on exit."""
+
+    def __init__(
+        self,
+        image: str,
+        fmt: str,
+        socket_path: str,
+        *,
+        export: str = "",
+        read_only: bool = True,
+        bitmap: str | None = None,
+        shared: int = 8,
+        cache: str = "writeback",
+        detect_zeroes: bool = False,
+    ) -> None:
+        if not os.path.exists(image):
+            raise NotFound("image", image)
+        cmd = [
+            "qemu-nbd",
+            "--persistent",
+            f"--shared={shared}",
+            f"--socket={socket_path}",
+            f"--format={fmt}",
+            f"--export-name={export}",
+            f"--cache={cache}",
+            "--aio=threads",
+        ]
+        if read_only:
+            cmd.append("--read-only")
+        else:
+            cmd.append("--discard=unmap")
+            if detect_zeroes:
+                cmd.append("--detect-zeroes=unmap")
+        if bitmap:
+            cmd.append(f"--bitmap={bitmap}")
+        cmd.append(image)
+        super().__init__(cmd)
+        self.socket_path = socket_path
+        self.export = export
+
+    def start(self, timeout: float = 10.0) -> QemuNbd:
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        super().start()
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket_path):
+            if not self.running():
+                raise self.error()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise NbdError("qemu-nbd", f"socket {self.socket_path} did not appear")
+            time.sleep(0.01)
+        return self
+
+    def client(self, dirty: bool = False) -> Client:
+        return Client(self.socket_path, self.export, dirty=dirty)
+
+    def __enter__(self) -> QemuNbd:
+        return self.start()
+
+    def stop(self) -> None:
+        super().stop()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass

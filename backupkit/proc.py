@@ -1,0 +1,96 @@
+"""Running external programs: errors keep stderr, children never outlive us."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Protocol
+
+from backupkit.errors import CommandFailed, NotFound
+
+log = logging.getLogger("backupkit.proc")
+
+
+class Runner(Protocol):
+    def __call__(
+        self, cmd: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
+    ) -> bytes: ...
+
+
+def run(
+    cmd: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
+) -> bytes:
+    """Run cmd to completion and return its stdout; raise CommandFailed with stderr."""
+    log.debug("Running %s", shlex.join(cmd))
+    try:
+        cp = subprocess.run(
+            list(cmd),
+            input=input,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise NotFound("program", cmd[0], "is it installed?") from e
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(shlex.join(cmd), -1, f"timed out after {timeout}s") from e
+    if cp.returncode != 0:
+        stderr = cp.stderr.decode("utf-8", "replace")
+        raise CommandFailed(cmd[0] + " " + " ".join(cmd[1:3]), cp.returncode, stderr)
+    return cp.stdout
+
+
+class Process:
+    """A long-running child: a context manager that terminates, then kills it."""
+
+    def __init__(self, cmd: Sequence[str], *, stop_timeout: float = 5.0) -> None:
+        self.cmd = list(cmd)
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        log.debug("Starting %s", shlex.join(self.cmd))
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except FileNotFoundError as e:
+            raise NotFound("program", self.cmd[0], "is it installed?") from e
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def error(self) -> CommandFailed:
+        """The failure of a child that exited early, with its stderr."""
+        assert self.proc is not None
+        rc = self.proc.wait()
+        stderr = self.proc.stderr.read().decode("utf-8", "replace") if self.proc.stderr else ""
+        return CommandFailed(self.cmd[0], rc, stderr)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not terminate, killing it", self.cmd[0])
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def __enter__(self) -> Process:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
