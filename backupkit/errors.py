@@ -181,3 +181,10 @@ class BitmapLost(IntegrityError):
 class Partial(Error):
     exit_code = EXIT_PARTIAL
     kind = "partial"
+
+
+class ImageInUse(OperationFailed):
+    """A cold (qemu-img) operation met an image that a running process holds open."""
+
+    kind = "image_in_use"
+    msg = "{image}: {reason}"

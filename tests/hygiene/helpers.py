@@ -1,0 +1,79 @@
+"""Small qemu-img / qemu-io helpers for the hygiene tests (independent of backupkit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+def must(*cmd: str) -> str:
+    cp = run(*cmd)
+    assert cp.returncode == 0, f"{' '.join(cmd)}: {cp.stderr}"
+    return cp.stdout
+
+
+def create(path: str, size: int | None = None, backing: str | None = None) -> None:
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing:
+        cmd += ["-b", backing, "-F", "qcow2"]
+    cmd.append(path)
+    if size is not None:
+        cmd.append(str(size))
+    must(*cmd)
+
+
+def add(path: str, name: str, granularity: int | None = None, disabled: bool = False) -> None:
+    cmd = ["qemu-img", "bitmap", "--add"]
+    if granularity:
+        cmd += ["-g", str(granularity)]
+    if disabled:
+        cmd.append("--disable")
+    must(*cmd, path, name)
+
+
+def write(path: str, byte: int, offset: int, length: int) -> None:
+    must("qemu-io", "-f", "qcow2", "-c", f"write -P {byte} {offset} {length}", path)
+
+
+def read_ok(path: str, byte: int, offset: int, length: int) -> bool:
+    cp = run("qemu-io", "-f", "qcow2", "-c", f"read -P {byte} {offset} {length}", path)
+    return cp.returncode == 0 and "Pattern verification failed" not in cp.stdout + cp.stderr
+
+
+def commit(top: str, base: str) -> subprocess.CompletedProcess[str]:
+    """Cold merge as vdsm does it: keep TOP (-d) so post-merge can read its bitmaps."""
+    return run("qemu-img", "commit", "-q", "-f", "qcow2", "-t", "none", "-b", base, "-d", top)
+
+
+def bitmaps(path: str) -> dict[str, dict[str, object]]:
+    doc = json.loads(must("qemu-img", "info", "--output=json", "-U", path))
+    data = doc.get("format-specific", {}).get("data", {})
+    return {b["name"]: {"granularity": b["granularity"], "flags": sorted(b["flags"])}
+            for b in data.get("bitmaps", [])}
+
+
+def make_in_use(path: str) -> None:
+    """Leave the image's current bitmaps in-use, as a QEMU killed with SIGKILL does."""
+    sock = f"{path}.kill.sock"
+    p = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, path],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert p.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if os.path.exists(sock):
+            os.unlink(sock)
