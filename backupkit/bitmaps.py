@@ -249,11 +249,13 @@ def plan_post_merge(layers: Sequence[qemu.ImageInfo]) -> list[Action]:
 
     For every bitmap usable from TOP whose run of layers does not reach BASE:
     add it to BASE with TOP's granularity and recording state, then merge the
-    bits of every layer of the run into it.  Bitmaps already in BASE are kept;
-    the commit's writes were recorded by the recording ones, and a disabled one
-    in BASE (which records nothing) gets the upper layers' bits merged in.
-    In-use bitmaps in BASE are not planned for: ``check_post_merge_base``
-    reports them as damage first.
+    bits of every layer of the run into it.  Bitmaps already in BASE are kept
+    as they are: the commit wrote TOP's data through BASE, so BASE's recording
+    copies recorded it (``post_merge_warnings`` names the disabled ones, which
+    did not).  Nothing is planned twice: a second run finds the bitmaps in
+    BASE and plans nothing, so it writes nothing (a write to a full volume is
+    exactly what loses bitmaps).  In-use bitmaps in BASE are not planned for:
+    ``post_merge_damage`` reports them first.
     """
     if len(layers) < 2:
         raise UsageError("post-merge needs a TOP over a BASE")
@@ -262,24 +264,35 @@ def plan_post_merge(layers: Sequence[qemu.ImageInfo]) -> list[Action]:
     upper = layers[:-1]
     actions: list[Action] = []
     for name, depth in sorted(usable_names(upper).items()):
+        if base.bitmap(name) is not None:
+            continue
         t = top.bitmap(name)
         assert t is not None
-        existing = base.bitmap(name)
-        run = upper[:depth]
-        if existing is None:
-            actions.append(Action("add", base.filename, name, "only in top",
-                                  granularity=t.granularity, recording=t.recording))
-            reason = "copy top's bits into the new bitmap"
-        elif existing.in_use:
-            continue
-        elif not existing.recording:
-            reason = "disabled in base: the commit's writes were not recorded"
-        else:
-            continue
+        actions.append(Action("add", base.filename, name, "only in top",
+                              granularity=t.granularity, recording=t.recording))
         # Oldest layer first: order does not matter for OR, it reads naturally.
-        for layer in reversed(run):
-            actions.append(Action("merge", base.filename, name, reason, source=layer.filename))
+        for layer in reversed(upper[:depth]):
+            actions.append(Action("merge", base.filename, name, "copy top's bits",
+                                  source=layer.filename))
     return actions
+
+
+def post_merge_warnings(layers: Sequence[qemu.ImageInfo]) -> list[Problem]:
+    """Bitmaps kept in BASE that are disabled there but recording in TOP.
+
+    The commit's writes were recorded by TOP's copy and not by BASE's: an
+    incremental from that checkpoint would miss them.  Such a state mismatch
+    is not made by libvirt or by us; report it rather than guess.
+    """
+    base, top = layers[-1], layers[0]
+    result = []
+    for b in sorted(base.bitmaps, key=lambda b: b.name):
+        t = top.bitmap(b.name)
+        if t is not None and t.recording and not b.recording and not b.in_use:
+            result.append(Problem("disabled_in_base", base.filename, b.name,
+                                  "disabled in base but recording in top: the merged "
+                                  "writes were not recorded in base"))
+    return result
 
 
 def post_merge_damage(layers: Sequence[qemu.ImageInfo]) -> list[Problem]:

@@ -104,7 +104,9 @@ def post_merge(top: str, base: str, *, domain: str | None = None, disk: str | No
                                       base: bm.bitmaps_json(layers[-1])}})
     actions = bm.plan_post_merge(layers)
     after = _run_plan(layers, actions, dry_run, runner)
-    return _result(top, base, actions, dry_run, after)
+    result = _result(top, base, actions, dry_run, after)
+    result["warnings"] = [p.to_json() for p in bm.post_merge_warnings(layers)]
+    return result
 
 
 def check(*, images: Sequence[str] = (), domain: str | None = None, fix: bool = False,

@@ -77,3 +77,15 @@ def make_in_use(path: str) -> None:
         p.wait()
         if os.path.exists(sock):
             os.unlink(sock)
+
+
+def dirty(path: str, name: str) -> list[tuple[int, int]]:
+    """Dirty (offset, length) extents of bitmap NAME, read through qemu-nbd + nbdinfo."""
+    out = must("nbdinfo", f"--map=qemu:dirty-bitmap:{name}", "--",
+               "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, path, "]")
+    result = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "1":
+            result.append((int(fields[0]), int(fields[1])))
+    return result
