@@ -1,0 +1,18 @@
+"""The backup repository (format v1, docs/format.md)."""
+
+from backupkit.repo.index import Index
+from backupkit.repo.manifest import DiskRecord, Manifest
+from backupkit.repo.names import check_name
+from backupkit.repo.repository import Repository
+from backupkit.repo.storage import LocalStorage, ObjectInfo, Storage
+
+__all__ = [
+    "DiskRecord",
+    "Index",
+    "LocalStorage",
+    "Manifest",
+    "ObjectInfo",
+    "Repository",
+    "Storage",
+    "check_name",
+]

@@ -1,0 +1,139 @@
+"""Repository locks: flock(2) on files under <repo>/locks/.
+
+The kernel releases an flock when its last descriptor closes, so a killed
+process never leaves a lock behind.  The holder of an exclusive lock writes
+"pid N (command) since TIME" into the file so that a process that finds it
+busy can name it; for shared holders (many at once) the names come from
+/proc/locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from backupkit.errors import Busy, CorruptRepository
+
+POLL_INTERVAL = 0.05
+LOCK_DIR = "locks"
+
+
+def _describe_self() -> str:
+    argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    cmd = " ".join(argv)
+    if len(cmd) > 200:
+        cmd = cmd[:197] + "..."
+    since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"pid {os.getpid()} ({cmd}) since {since}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return "?"
+    args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+    if args:
+        args[0] = os.path.basename(args[0])
+    return " ".join(args)[:200] or "?"
+
+
+def _holders_from_proc(fd: int) -> list[int]:
+    """pids holding an flock on the file open as fd, from /proc/locks."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: list[int] = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" ("->" for waiters)
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[2] != "->" \
+                        and fields[5] == dev:
+                    pid = int(fields[4])
+                    if pid != os.getpid() and pid not in pids:
+                        pids.append(pid)
+    except (OSError, ValueError):
+        return []
+    return pids
+
+
+def _open_lock_file(root: str, name: str) -> int:
+    """Open (creating) root/locks/name without following symlinks."""
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            ldfd = os.open(LOCK_DIR, flags, dir_fd=dfd)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(LOCK_DIR, 0o755, dir_fd=dfd)
+            ldfd = os.open(LOCK_DIR, flags, dir_fd=dfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CorruptRepository(f"{LOCK_DIR} is a symlink or not a directory", path=root) from e
+        raise
+    finally:
+        os.close(dfd)
+    try:
+        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                       dir_fd=ldfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptRepository(f"{LOCK_DIR}/{name} is a symlink", path=root) from e
+        raise
+    finally:
+        os.close(ldfd)
+
+
+@contextlib.contextmanager
+def hold(root: str, name: str, what: str, *, shared: bool = False, wait: float = 0.0
+         ) -> Iterator[None]:
+    """Hold the lock file root/locks/name; Busy(what, holder) after `wait` seconds."""
+    fd = _open_lock_file(root, name)
+    try:
+        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        deadline = time.monotonic() + max(0.0, wait)
+        while True:
+            try:
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Busy(what=what, holder=_holder(fd)) from None
+                time.sleep(POLL_INTERVAL)
+        if not shared:
+            info = _describe_self().encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info + b"\n", 0)
+        try:
+            yield
+        finally:
+            if not shared:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    text = " ".join(text.split())
+    pids = _holders_from_proc(fd)
+    # The text may be stale (a holder killed before clearing it): trust it only
+    # when /proc/locks agrees or cannot tell.
+    if text and (not pids or any(text.startswith(f"pid {pid} ") for pid in pids)):
+        return text
+    if pids:
+        return ", ".join(f"pid {pid} ({_cmdline(pid)})" for pid in pids)
+    return text or "another process"

@@ -1,0 +1,444 @@
+"""The repository (format v1): chunks, indexes, manifests, locks.  See docs/format.md."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import zstandard
+
+from backupkit.errors import (
+    CorruptRepository,
+    InvalidName,
+    NotFound,
+    OperationFailed,
+    RepositoryError,
+    UnsupportedFormat,
+    UsageError,
+)
+from backupkit.repo import locks
+from backupkit.repo.index import Index, IndexFormatError
+from backupkit.repo.manifest import Manifest
+from backupkit.repo.names import check_name
+from backupkit.repo.storage import Buffer, LocalStorage, Storage
+
+REPO_FORMAT = "backupkit-repository"
+REPO_VERSION = 1
+CONFIG_KEY = "config.json"
+CONFIG_MAX = 64 * 1024
+MANIFEST_MAX = 16 * 1024 * 1024
+INDEX_MAX = 256 * 1024 * 1024
+MIN_CHUNK = 4096
+MAX_CHUNK = 64 * 1024 * 1024
+
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+_CODEC_NONE_B = bytes([CODEC_NONE])
+_CODEC_ZSTD_B = bytes([CODEC_ZSTD])
+
+MANIFEST_NAME = "manifest.json"
+INDEX_SUFFIX = ".index"
+
+
+def chunk_key(digest: bytes) -> str:
+    h = digest.hex()
+    return f"chunks/{h[:2]}/{h}"
+
+
+def backup_prefix(domain: str, backup_id: str) -> str:
+    return f"backups/{domain}/{backup_id}/"
+
+
+def manifest_key(domain: str, backup_id: str) -> str:
+    return f"backups/{domain}/{backup_id}/{MANIFEST_NAME}"
+
+
+def index_key(domain: str, backup_id: str, disk: str) -> str:
+    return f"backups/{domain}/{backup_id}/{disk}{INDEX_SUFFIX}"
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Repository:
+    """A backupkit repository.  Create with Repository.init, open with Repository.open."""
+
+    def __init__(self, path: str, storage: Storage, config: dict[str, Any]) -> None:
+        self.path = path
+        self.storage = storage
+        self.config = config
+        self.chunk_size: int = config["chunk_size"]
+        self.compression_level: int = config["compression_level"]
+        self._tls = threading.local()
+        self._zero_digests: dict[int, bytes] = {}
+
+    # -- creation ------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str, *, chunk_size: int = 1 << 20,
+             compression_level: int = 3) -> Repository:
+        path = os.path.abspath(path)
+        if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+            raise UsageError(f"chunk size must be a power of two between {MIN_CHUNK} "
+                             f"and {MAX_CHUNK}, not {chunk_size}")
+        if not -7 <= compression_level <= 22:
+            raise UsageError(f"zstd compression level must be in -7..22, "
+                             f"not {compression_level}")
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                raise UsageError(f"cannot create a repository at {path}: not a directory")
+            if os.path.lexists(os.path.join(path, CONFIG_KEY)):
+                raise UsageError(f"{path} is already a backupkit repository")
+            if os.listdir(path):
+                raise UsageError(
+                    f"cannot create a repository in {path}: the directory is not empty "
+                    "and is not a repository")
+        else:
+            os.makedirs(path, 0o755)
+        config = {
+            "format": REPO_FORMAT,
+            "version": REPO_VERSION,
+            "id": uuid.uuid4().hex,
+            "created": _now_iso(),
+            "chunk_size": chunk_size,
+            "hash": "sha256",
+            "compression": "zstd",
+            "compression_level": compression_level,
+        }
+        storage = LocalStorage(path)
+        storage.replace(CONFIG_KEY, json.dumps(config, indent=1).encode() + b"\n")
+        for d in ("chunks", "backups", "locks"):
+            os.mkdir(os.path.join(path, d), 0o755)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return cls(path, storage, config)
+
+    @classmethod
+    def open(cls, path: str) -> Repository:
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise NotFound("repository", path)
+        storage = LocalStorage(path)
+        try:
+            raw = storage.get(CONFIG_KEY, CONFIG_MAX)
+        except NotFound as e:
+            raise NotFound("repository", path, "no config.json: not a backupkit repository"
+                           ) from e
+        except CorruptRepository as e:
+            raise CorruptRepository(f"bad config.json: {e.reason}", path=path) from e
+        return cls(path, storage, _parse_config(raw, path))
+
+    # -- locks ---------------------------------------------------------------
+
+    def lock_domain(self, domain: str, wait: float = 0.0
+                    ) -> contextlib.AbstractContextManager[None]:
+        """Exclusive per-domain lock (backup, prune of that domain)."""
+        check_name("domain name", domain)
+        return locks.hold(self.path, f"domain.{domain}.lock", f"domain {domain}", wait=wait)
+
+    def lock_shared(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """Repository-wide shared lock: held by backups and prune (excludes gc)."""
+        return locks.hold(self.path, "repository.lock", f"repository {self.path}",
+                          shared=True, wait=wait)
+
+    def lock_exclusive(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """Repository-wide exclusive lock: held by gc."""
+        return locks.hold(self.path, "repository.lock", f"repository {self.path}", wait=wait)
+
+    # -- chunks --------------------------------------------------------------
+
+    def new_backup_id(self, now: datetime | None = None) -> str:
+        now = (now or datetime.now(UTC)).astimezone(UTC)
+        return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+    def _cctx(self) -> Any:
+        c = getattr(self._tls, "cctx", None)
+        if c is None:
+            c = self._tls.cctx = zstandard.ZstdCompressor(
+                level=self.compression_level, write_content_size=True)
+        return c
+
+    def _dctx(self) -> Any:
+        d = getattr(self._tls, "dctx", None)
+        if d is None:
+            d = self._tls.dctx = zstandard.ZstdDecompressor()
+        return d
+
+    def _zero_digest(self, n: int) -> bytes:
+        d = self._zero_digests.get(n)
+        if d is None:
+            d = self._zero_digests[n] = hashlib.sha256(bytes(n)).digest()
+        return d
+
+    def put_chunk(self, data: Buffer) -> tuple[bytes | None, int]:
+        """Store one chunk: (its sha256, compressed bytes newly written); (None, 0) for zeros.
+
+        Thread-safe.  The chunk is durable when this returns; its name is made
+        durable by the next write_index/commit (see docs/format.md).
+        """
+        n = memoryview(data).nbytes
+        if not 0 < n <= self.chunk_size:
+            raise ValueError(f"chunk of {n} bytes (chunk size is {self.chunk_size})")
+        digest = hashlib.sha256(data).digest()
+        if digest == self._zero_digest(n):
+            return None, 0
+        key = chunk_key(digest)
+        if self.storage.exists(key):
+            return digest, 0
+        comp = self._cctx().compress(data)
+        if len(comp) < n:
+            parts: list[Buffer] = [_CODEC_ZSTD_B, comp]
+        else:
+            parts = [_CODEC_NONE_B, data]
+        written = self.storage.put_if_absent(key, parts)
+        return digest, (1 + len(parts[1]) if written else 0)
+
+    def has_chunk(self, digest: bytes) -> bool:
+        return self.storage.exists(chunk_key(digest))
+
+    def get_chunk(self, digest: bytes, *, verify: bool = True) -> bytes:
+        """The chunk's data; CorruptRepository if missing, undecodable or not matching."""
+        key = chunk_key(digest)
+        try:
+            raw = self.storage.get(key, self.chunk_size + 1)
+        except NotFound as e:
+            raise CorruptRepository(f"chunk {digest.hex()} is missing", path=self.path) from e
+        data = self.decode_chunk(raw, digest)
+        if verify and hashlib.sha256(data).digest() != digest:
+            raise CorruptRepository(f"chunk {digest.hex()} does not match its hash "
+                                    "(damaged data)", path=self.path)
+        return data
+
+    def decode_chunk(self, raw: Buffer, digest: bytes) -> bytes:
+        view = memoryview(raw)
+        if len(view) < 2:
+            raise CorruptRepository(f"chunk {digest.hex()} is truncated", path=self.path)
+        codec = view[0]
+        if codec == CODEC_NONE:
+            return bytes(view[1:])
+        if codec != CODEC_ZSTD:
+            raise CorruptRepository(f"chunk {digest.hex()} has unknown codec {codec}",
+                                    path=self.path)
+        payload = view[1:]
+        try:
+            size = zstandard.frame_content_size(payload)
+            if not 0 < size <= self.chunk_size:
+                raise zstandard.ZstdError(f"bad content size {size}")
+            data: bytes = self._dctx().decompress(payload, max_output_size=size,
+                                                  allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise CorruptRepository(f"chunk {digest.hex()} cannot be decompressed: {e}",
+                                    path=self.path) from e
+        if len(data) != size:
+            raise CorruptRepository(f"chunk {digest.hex()} has the wrong size", path=self.path)
+        return data
+
+    # -- indexes and manifests -------------------------------------------------
+
+    def write_index(self, domain: str, backup_id: str, disk: str, index: Index) -> dict[str, Any]:
+        """Write one disk's index of an uncommitted backup; durable on return."""
+        check_name("domain name", domain)
+        check_name("backup id", backup_id)
+        check_name("disk name", disk)
+        if index.chunk_size != self.chunk_size:
+            raise ValueError(f"index chunk size {index.chunk_size} != repository "
+                             f"{self.chunk_size}")
+        # Every chunk this index names must be durable before the index is.
+        self.storage.flush()
+        data = index.to_bytes(self.compression_level)
+        if len(data) > INDEX_MAX:
+            raise OperationFailed(f"index of {disk} is {len(data)} bytes, more than the "
+                                  f"{INDEX_MAX} a reader accepts")
+        key = index_key(domain, backup_id, disk)
+        self.storage.replace(key, data)
+        return {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest last, atomically: from now on the backup exists."""
+        check_name("domain name", manifest.domain)
+        check_name("backup id", manifest.id)
+        for d in manifest.disks:
+            check_name("disk name", d.name)
+            key = index_key(manifest.domain, manifest.id, d.name)
+            if d.index.get("key") != key:
+                raise OperationFailed(f"disk {d.name}: index key {d.index.get('key')!r} "
+                                      f"is not {key!r}")
+            try:
+                size = self.storage.size(key)
+            except NotFound as e:
+                raise OperationFailed(f"disk {d.name}: index {key} was not written") from e
+            if size != d.index.get("size"):
+                raise OperationFailed(f"disk {d.name}: index {key} has {size} bytes, "
+                                      f"manifest says {d.index.get('size')}")
+        doc = json.dumps(manifest.to_json(), indent=1).encode() + b"\n"
+        if len(doc) > MANIFEST_MAX:
+            raise OperationFailed(f"manifest is {len(doc)} bytes, more than {MANIFEST_MAX}")
+        self.storage.flush()
+        key = manifest_key(manifest.domain, manifest.id)
+        if not self.storage.put_if_absent(key, doc):
+            raise OperationFailed(f"backup {manifest.domain}/{manifest.id} is already committed")
+        self.storage.flush()
+
+    def read_manifest(self, domain: str, backup_id: str) -> Manifest:
+        """One manifest by exact id; NotFound or CorruptRepository/UnsupportedFormat."""
+        check_name("domain name", domain)
+        check_name("backup id", backup_id)
+        key = manifest_key(domain, backup_id)
+        try:
+            raw = self.storage.get(key, MANIFEST_MAX)
+        except NotFound as e:
+            raise NotFound("backup", f"{domain}/{backup_id}") from e
+        except CorruptRepository as e:
+            raise CorruptRepository(f"backup {domain}/{backup_id}: {e.reason}",
+                                    path=self.path) from e
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptRepository(f"{key}: not valid JSON ({e})", path=self.path) from e
+        try:
+            m = Manifest.from_json(doc, where=key)
+        except RepositoryError as e:
+            raise type(e)(f"{key}: {e.reason}", path=self.path) from e
+        if m.domain != domain or m.id != backup_id:
+            raise CorruptRepository(f"{key}: names backup {m.domain}/{m.id}", path=self.path)
+        for d in m.disks:
+            try:
+                check_name("disk name", d.name)
+            except InvalidName as e:
+                raise CorruptRepository(f"{key}: {e}", path=self.path) from e
+        return m
+
+    def scan_backups(self, domain: str | None = None
+                     ) -> Iterator[tuple[str, str, Manifest | RepositoryError]]:
+        """Every committed backup as (domain, id, manifest or the error reading it)."""
+        prefix = "backups/"
+        if domain is not None:
+            check_name("domain name", domain)
+            prefix = f"backups/{domain}/"
+        for info in self.storage.list(prefix):
+            parts = info.key.split("/")
+            if len(parts) != 4 or parts[3] != MANIFEST_NAME:
+                continue
+            d, bid = parts[1], parts[2]
+            try:
+                yield d, bid, self.read_manifest(d, bid)
+            except InvalidName as e:
+                yield d, bid, CorruptRepository(f"{info.key}: {e}", path=self.path)
+            except NotFound:
+                continue  # removed meanwhile
+            except RepositoryError as e:
+                yield d, bid, e
+
+    def list_backups(self, domain: str | None = None) -> list[Manifest]:
+        """Committed backups, oldest first; a damaged manifest raises, naming it."""
+        result = []
+        for _d, _bid, m in self.scan_backups(domain):
+            if isinstance(m, RepositoryError):
+                raise m
+            result.append(m)
+        result.sort(key=lambda m: (m.created, m.id))
+        return result
+
+    def get_manifest(self, domain: str, backup: str) -> Manifest:
+        check_name("domain name", domain)
+        if backup == "latest":
+            backups = self.list_backups(domain)
+            if not backups:
+                raise NotFound("backup", f"{domain}/latest", "the domain has no backups")
+            return backups[-1]
+        return self.read_manifest(domain, backup)
+
+    def load_index(self, manifest: Manifest, disk: str) -> Index:
+        rec = manifest.disk(disk)
+        where = f"backup {manifest.domain}/{manifest.id} disk {disk}"
+        if rec is None:
+            raise NotFound("disk", f"{manifest.domain}/{manifest.id}/{disk}")
+        key = index_key(manifest.domain, manifest.id, rec.name)
+        if rec.index.get("key") != key:
+            raise CorruptRepository(f"{where}: index key {rec.index.get('key')!r} is not "
+                                    f"{key!r}", path=self.path)
+        try:
+            data = self.storage.get(key, INDEX_MAX)
+        except NotFound as e:
+            raise CorruptRepository(f"{where}: index {key} is missing", path=self.path) from e
+        except CorruptRepository as e:
+            raise CorruptRepository(f"{where}: {e.reason}", path=self.path) from e
+        if len(data) != rec.index.get("size") or \
+                hashlib.sha256(data).hexdigest() != rec.index.get("sha256"):
+            raise CorruptRepository(f"{where}: index {key} does not match the checksum in "
+                                    "its manifest", path=self.path)
+        try:
+            idx = Index.from_bytes(data)
+        except IndexFormatError as e:
+            raise CorruptRepository(f"{where}: index {key}: {e}", path=self.path) from e
+        except UnsupportedFormat as e:
+            raise UnsupportedFormat(f"{where}: {e.reason}", path=self.path) from e
+        if idx.chunk_size != self.chunk_size or idx.virtual_size != rec.virtual_size:
+            raise CorruptRepository(
+                f"{where}: index geometry {idx.virtual_size}/{idx.chunk_size} does not match "
+                f"the manifest ({rec.virtual_size}) and repository ({self.chunk_size})",
+                path=self.path)
+        return idx
+
+    def remove_backup(self, manifest: Manifest) -> None:
+        """Delete a backup: manifest first (it stops existing), then its other files.
+
+        The caller holds the domain lock and the shared repository lock.
+        """
+        check_name("domain name", manifest.domain)
+        check_name("backup id", manifest.id)
+        self.storage.delete(manifest_key(manifest.domain, manifest.id))
+        self.storage.flush()
+        self.remove_backup_dir(manifest.domain, manifest.id)
+
+    def remove_backup_dir(self, domain: str, backup_id: str) -> int:
+        """Delete every file under a backup's directory; bytes freed."""
+        freed = 0
+        for info in list(self.storage.list(backup_prefix(domain, backup_id))):
+            if self.storage.delete(info.key):
+                freed += info.size
+        for info in list(self.storage.leftovers(backup_prefix(domain, backup_id))):
+            if self.storage.delete(info.key):
+                freed += info.size
+        self.storage.flush()
+        return freed
+
+
+def _parse_config(raw: bytes, path: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptRepository(f"config.json is not valid JSON ({e})", path=path) from e
+    if not isinstance(doc, dict) or doc.get("format") != REPO_FORMAT:
+        raise CorruptRepository("config.json is not a backupkit repository configuration",
+                                path=path)
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptRepository("config.json has no valid version", path=path)
+    if version > REPO_VERSION:
+        raise UnsupportedFormat(
+            f"repository format version {version} is newer than this backupkit supports "
+            f"({REPO_VERSION}); upgrade backupkit", path=path)
+    cs = doc.get("chunk_size")
+    if not isinstance(cs, int) or isinstance(cs, bool) or cs & (cs - 1) \
+            or not MIN_CHUNK <= cs <= MAX_CHUNK:
+        raise CorruptRepository(f"config.json: bad chunk_size {cs!r}", path=path)
+    level = doc.get("compression_level", 3)
+    if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
+        raise CorruptRepository(f"config.json: bad compression_level {level!r}", path=path)
+    if doc.get("hash", "sha256") != "sha256" or doc.get("compression", "zstd") != "zstd":
+        raise CorruptRepository("config.json: unknown hash or compression", path=path)
+    doc["compression_level"] = level
+    return doc

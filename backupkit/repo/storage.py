@@ -1,0 +1,365 @@
+"""Object storage under the repository: a small interface and its local implementation.
+
+Keys are relative paths of "/"-separated components ("chunks/ab/ab12...").
+The interface is deliberately what an S3-compatible store can offer too:
+create-if-absent, whole-object get with a size cap, atomic replace, list by
+prefix with sizes, delete.  Durability: ``put_if_absent`` makes the object's
+content durable before it appears under its key; ``flush`` makes every key
+created so far durable (local: fsync of the directories that changed);
+``replace`` is fully durable when it returns.
+
+LocalStorage never follows a symlink inside the root: every path component is
+opened relative to its parent's descriptor with O_NOFOLLOW.  A symlink or a
+non-regular file where an object should be raises CorruptRepository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+import threading
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Protocol
+
+from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed
+
+Buffer = bytes | bytearray | memoryview
+
+TMP_PREFIX = ".tmp-"
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ObjectInfo(NamedTuple):
+    key: str
+    size: int
+
+
+class Storage(Protocol):
+    def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
+        """Store data under key unless key exists; True if it was written."""
+        ...
+
+    def get(self, key: str, max_size: int) -> bytes:
+        """The whole object; NotFound if missing, CorruptRepository if bigger than max_size."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under prefix ("" or "dir/.../"), tmp files excluded."""
+        ...
+
+    def leftovers(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Temporary objects of interrupted writes under prefix."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Remove key (and now-empty parent directories); False if it did not exist."""
+        ...
+
+    def replace(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        """Atomically create or replace key; durable on return."""
+        ...
+
+    def flush(self) -> None:
+        """Make every key created or deleted so far durable."""
+        ...
+
+
+def _split(key: str) -> list[str]:
+    parts = key.split("/")
+    for p in parts:
+        if not p or p in (".", "..") or "\0" in p:
+            raise OperationFailed(f"invalid storage key {key!r}")
+    return parts
+
+
+def _write_all(fd: int, bufs: Sequence[Buffer]) -> None:
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = os.writev(fd, views)
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+class LocalStorage:
+    """Storage in a local directory (see the module docstring)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self._dirty: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- directory walking -------------------------------------------------
+
+    def _corrupt(self, key: str, what: str) -> CorruptRepository:
+        return CorruptRepository(f"{key}: {what}", path=self.root)
+
+    def _open_dir(self, parts: Sequence[str], create: bool) -> int:
+        """A descriptor of root/parts, walked without following symlinks."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise NotFound("repository", self.root) from e
+        try:
+            for i, p in enumerate(parts):
+                try:
+                    nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(p, 0o755, dir_fd=fd)
+                        self._mark_dirty("/".join(parts[:i]))
+                    except FileExistsError:
+                        pass
+                    nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise self._corrupt(
+                            "/".join(parts[: i + 1]),
+                            "is a symlink or not a directory; refusing to follow it",
+                        ) from e
+                    raise
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _mark_dirty(self, dirkey: str) -> None:
+        with self._lock:
+            self._dirty.add(dirkey)
+
+    def _tmp_name(self) -> str:
+        return f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+
+    def _write_tmp(self, dfd: int, key: str, data: Buffer | Sequence[Buffer]) -> str:
+        bufs: Sequence[Buffer] = (
+            [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+        tmp = self._tmp_name()
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+            dir_fd=dfd,
+        )
+        try:
+            try:
+                _write_all(fd, bufs)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left on the repository's filesystem "
+                              f"({self.root}) while writing {key}") from e
+            raise
+        return tmp
+
+    # -- the interface -------------------------------------------------------
+
+    def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
+        parts = _split(key)
+        dfd = self._open_dir(parts[:-1], create=True)
+        name = parts[-1]
+        try:
+            if self._stat_regular(dfd, name, key) is not None:
+                return False
+            tmp = self._write_tmp(dfd, key, data)
+            try:
+                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except FileExistsError:
+                if self._stat_regular(dfd, name, key) is None:
+                    raise
+                return False
+            finally:
+                os.unlink(tmp, dir_fd=dfd)
+            self._mark_dirty("/".join(parts[:-1]))
+            return True
+        finally:
+            os.close(dfd)
+
+    def _stat_regular(self, dfd: int, name: str, key: str) -> os.stat_result | None:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise self._corrupt(key, "is a symlink or not a regular file; refusing to use it")
+        return st
+
+    def get(self, key: str, max_size: int) -> bytes:
+        parts = _split(key)
+        try:
+            dfd = self._open_dir(parts[:-1], create=False)
+        except FileNotFoundError as e:
+            raise NotFound("file", key) from e
+        try:
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except FileNotFoundError as e:
+                raise NotFound("file", key) from e
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise self._corrupt(key, "is a symlink; refusing to follow it") from e
+                raise
+        finally:
+            os.close(dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._corrupt(key, "is not a regular file")
+            if st.st_size > max_size:
+                raise self._corrupt(
+                    key, f"is {st.st_size} bytes, more than the {max_size} allowed for it"
+                )
+            buf = bytearray(st.st_size)
+            view = memoryview(buf)
+            pos = 0
+            while pos < st.st_size:
+                n = os.readv(fd, [view[pos:]])
+                if n == 0:
+                    break
+                pos += n
+            if pos != st.st_size:
+                raise self._corrupt(key, "shrank while being read")
+            return bytes(buf)
+        finally:
+            os.close(fd)
+
+    def exists(self, key: str) -> bool:
+        parts = _split(key)
+        try:
+            dfd = self._open_dir(parts[:-1], create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            return self._stat_regular(dfd, parts[-1], key) is not None
+        finally:
+            os.close(dfd)
+
+    def size(self, key: str) -> int:
+        parts = _split(key)
+        try:
+            dfd = self._open_dir(parts[:-1], create=False)
+        except FileNotFoundError as e:
+            raise NotFound("file", key) from e
+        try:
+            st = self._stat_regular(dfd, parts[-1], key)
+        finally:
+            os.close(dfd)
+        if st is None:
+            raise NotFound("file", key)
+        return st.st_size
+
+    def _walk(self, prefix: str, tmp: bool) -> Iterator[ObjectInfo]:
+        parts = _split(prefix.rstrip("/")) if prefix.strip("/") else []
+        try:
+            dfd = self._open_dir(parts, create=False)
+        except FileNotFoundError:
+            return
+        base = "/".join(parts)
+        yield from self._walk_fd(dfd, base, tmp)
+
+    def _walk_fd(self, dfd: int, base: str, tmp: bool) -> Iterator[ObjectInfo]:
+        try:
+            with os.scandir(dfd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                key = f"{base}/{e.name}" if base else e.name
+                if e.is_dir(follow_symlinks=False):
+                    try:
+                        sub = os.open(e.name, _DIR_FLAGS, dir_fd=dfd)
+                    except FileNotFoundError:
+                        continue
+                    yield from self._walk_fd(sub, key, tmp)
+                    continue
+                if e.name.startswith(TMP_PREFIX) != tmp:
+                    continue
+                try:
+                    size = e.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, size)
+        finally:
+            os.close(dfd)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._walk(prefix, tmp=False)
+
+    def leftovers(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._walk(prefix, tmp=True)
+
+    def delete(self, key: str) -> bool:
+        parts = _split(key)
+        try:
+            dfd = self._open_dir(parts[:-1], create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                os.unlink(parts[-1], dir_fd=dfd)
+            except FileNotFoundError:
+                return False
+            except IsADirectoryError:
+                # A directory where an object should be: remove it only if empty.
+                os.rmdir(parts[-1], dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        self._mark_dirty("/".join(parts[:-1]))
+        # Remove parent directories left empty, never the top-level ones.
+        for depth in range(len(parts) - 1, 1, -1):
+            try:
+                pfd = self._open_dir(parts[: depth - 1], create=False)
+            except (FileNotFoundError, CorruptRepository):
+                break
+            try:
+                os.rmdir(parts[depth - 1], dir_fd=pfd)
+            except OSError:
+                break
+            finally:
+                os.close(pfd)
+            self._mark_dirty("/".join(parts[: depth - 1]))
+        return True
+
+    def replace(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        parts = _split(key)
+        dfd = self._open_dir(parts[:-1], create=True)
+        try:
+            tmp = self._write_tmp(dfd, key, data)
+            try:
+                os.rename(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                os.unlink(tmp, dir_fd=dfd)
+                raise
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            dirty = sorted(self._dirty, key=len, reverse=True)
+            self._dirty.clear()
+        for dirkey in dirty:
+            try:
+                dfd = self._open_dir(_split(dirkey) if dirkey else [], create=False)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
