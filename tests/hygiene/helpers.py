@@ -64,12 +64,14 @@ def bitmaps(path: str) -> dict[str, dict[str, object]]:
 
 def make_in_use(path: str) -> None:
     """Leave the image's current bitmaps in-use, as a QEMU killed with SIGKILL does."""
+    names = set(bitmaps(path))
     sock = f"{path}.kill.sock"
     p = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, path],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        # Serving means the image is open read-write and its bitmaps marked in-use.
+        while run("nbdinfo", "--size", f"nbd+unix:///?socket={sock}").returncode != 0:
             assert p.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
             time.sleep(0.02)
     finally:
@@ -77,6 +79,8 @@ def make_in_use(path: str) -> None:
         p.wait()
         if os.path.exists(sock):
             os.unlink(sock)
+    after = bitmaps(path)
+    assert all("in-use" in after[n]["flags"] for n in names), after
 
 
 def dirty(path: str, name: str) -> list[tuple[int, int]]:
