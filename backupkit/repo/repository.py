@@ -221,13 +221,32 @@ class Repository:
                                     "(damaged data)", path=self.path)
         return data
 
+    def read_chunk(self, digest: bytes, buf: bytearray, *, verify: bool = True) -> Buffer:
+        """Like get_chunk, reading through buf (len >= chunk_size + 1) to spare allocations.
+
+        The result may be a view into buf: use it before the next call with that buf.
+        """
+        key = chunk_key(digest)
+        try:
+            raw = self.storage.get_into(key, buf)
+        except NotFound as e:
+            raise CorruptRepository(f"chunk {digest.hex()} is missing", path=self.path) from e
+        data = self._decode(raw, digest)
+        if verify and hashlib.sha256(data).digest() != digest:
+            raise CorruptRepository(f"chunk {digest.hex()} does not match its hash "
+                                    "(damaged data)", path=self.path)
+        return data
+
     def decode_chunk(self, raw: Buffer, digest: bytes) -> bytes:
+        return bytes(self._decode(raw, digest))
+
+    def _decode(self, raw: Buffer, digest: bytes) -> Buffer:
         view = memoryview(raw)
         if len(view) < 2:
             raise CorruptRepository(f"chunk {digest.hex()} is truncated", path=self.path)
         codec = view[0]
         if codec == CODEC_NONE:
-            return bytes(view[1:])
+            return view[1:]
         if codec != CODEC_ZSTD:
             raise CorruptRepository(f"chunk {digest.hex()} has unknown codec {codec}",
                                     path=self.path)

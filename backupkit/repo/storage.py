@@ -47,6 +47,10 @@ class Storage(Protocol):
         """The whole object; NotFound if missing, CorruptRepository if bigger than max_size."""
         ...
 
+    def get_into(self, key: str, buf: bytearray) -> memoryview:
+        """Read the object into buf (at most len(buf) bytes, else CorruptRepository)."""
+        ...
+
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int: ...
@@ -201,7 +205,7 @@ class LocalStorage:
             raise self._corrupt(key, "is a symlink or not a regular file; refusing to use it")
         return st
 
-    def get(self, key: str, max_size: int) -> bytes:
+    def _open_file(self, key: str) -> int:
         parts = _split(key)
         try:
             dfd = self._open_dir(parts[:-1], create=False)
@@ -218,25 +222,38 @@ class LocalStorage:
                 raise
         finally:
             os.close(dfd)
+        return fd
+
+    def _read_fd(self, fd: int, key: str, view: memoryview, max_size: int) -> memoryview:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise self._corrupt(key, "is not a regular file")
+        if st.st_size > max_size:
+            raise self._corrupt(
+                key, f"is {st.st_size} bytes, more than the {max_size} allowed for it")
+        pos = 0
+        while pos < st.st_size:
+            n = os.readv(fd, [view[pos:st.st_size]])
+            if n == 0:
+                break
+            pos += n
+        if pos != st.st_size:
+            raise self._corrupt(key, "shrank while being read")
+        return view[:pos]
+
+    def get(self, key: str, max_size: int) -> bytes:
+        fd = self._open_file(key)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise self._corrupt(key, "is not a regular file")
-            if st.st_size > max_size:
-                raise self._corrupt(
-                    key, f"is {st.st_size} bytes, more than the {max_size} allowed for it"
-                )
-            buf = bytearray(st.st_size)
-            view = memoryview(buf)
-            pos = 0
-            while pos < st.st_size:
-                n = os.readv(fd, [view[pos:]])
-                if n == 0:
-                    break
-                pos += n
-            if pos != st.st_size:
-                raise self._corrupt(key, "shrank while being read")
-            return bytes(buf)
+            size = os.fstat(fd).st_size
+            buf = bytearray(min(size, max_size + 1))
+            return bytes(self._read_fd(fd, key, memoryview(buf), max_size))
+        finally:
+            os.close(fd)
+
+    def get_into(self, key: str, buf: bytearray) -> memoryview:
+        fd = self._open_file(key)
+        try:
+            return self._read_fd(fd, key, memoryview(buf), len(buf))
         finally:
             os.close(fd)
 
