@@ -6,6 +6,7 @@ pyproject.toml and tests/test_nbd.py runs it against a real qemu-nbd.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.parse
@@ -103,10 +104,8 @@ class Client:
             raise NbdError(f"block status at {pos}", str(e)) from e
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, _nbd.Error):
             self._c.close()
-        except (OSError, _nbd.Error):
-            pass
 
     def __enter__(self) -> Client:
         return self
@@ -159,18 +158,29 @@ class QemuNbd(Process):
         self.export = export
 
     def start(self, timeout: float = 10.0) -> QemuNbd:
+        """Start and wait until the server completes an NBD handshake.
+
+        qemu-nbd creates its socket before it opens the image (and leaves the
+        socket behind when the open fails), so only a handshake proves it is ready.
+        """
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         super().start()
         deadline = time.monotonic() + timeout
-        while not os.path.exists(self.socket_path):
+        while True:
             if not self.running():
                 raise self.error()
+            if os.path.exists(self.socket_path):
+                try:
+                    Client(self.socket_path, self.export).close()
+                    return self
+                except NbdError:
+                    if not self.running():
+                        raise self.error() from None
             if time.monotonic() > deadline:
                 self.stop()
-                raise NbdError("qemu-nbd", f"socket {self.socket_path} did not appear")
+                raise NbdError("qemu-nbd", f"not ready on {self.socket_path} after {timeout}s")
             time.sleep(0.01)
-        return self
 
     def client(self, dirty: bool = False) -> Client:
         return Client(self.socket_path, self.export, dirty=dirty)
@@ -180,7 +190,5 @@ class QemuNbd(Process):
 
     def stop(self) -> None:
         super().stop()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass

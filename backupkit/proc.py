@@ -29,8 +29,7 @@ def run(
         cp = subprocess.run(
             list(cmd),
             input=input,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=timeout,
             check=False,
         )
@@ -70,7 +69,10 @@ class Process:
         """The failure of a child that exited early, with its stderr."""
         assert self.proc is not None
         rc = self.proc.wait()
-        stderr = self.proc.stderr.read().decode("utf-8", "replace") if self.proc.stderr else ""
+        stderr = ""
+        if self.proc.stderr:
+            stderr = self.proc.stderr.read().decode("utf-8", "replace")
+            self.proc.stderr.close()
         return CommandFailed(self.cmd[0], rc, stderr)
 
     def stop(self) -> None:

@@ -1,0 +1,424 @@
+"""The command line: argparse, dispatch to the operations, JSON and exit codes.
+
+Commands are thin: they build a request from arguments and config, call one
+operation, and print its result.  Every failure is a backupkit.errors.Error
+carrying its exit code; anything else is a bug and exits 1 with a one-line
+message (the traceback only with -v).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from backupkit import __version__, config, errors
+from backupkit import log as logsetup
+
+log = logging.getLogger("backupkit")
+
+Handler = Callable[[argparse.Namespace, config.Config], Any]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise errors.UsageError(f"{self.prog}: {message}")
+
+
+def _wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+                   help="wait up to SECONDS for a busy lock instead of exiting 3")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="backupkit",
+        description="Incremental backups of libvirt/QEMU domains over NBD with dirty bitmaps.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 usage/config, 3 busy, 4 not found, "
+               "5 integrity, 6 partial. See backupkit(8).",
+    )
+    p.add_argument("--version", action="version", version=f"backupkit {__version__}")
+    p.add_argument("--config", metavar="PATH",
+                   help="TOML config (default $BACKUPKIT_CONFIG, else "
+                        "/etc/backupkit/backupkit.toml)")
+    p.add_argument("--repo", metavar="PATH",
+                   help="repository (default: config 'repository', else $BACKUPKIT_REPO)")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI (default qemu:///system)")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON document on stdout; logs go to stderr")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-q", "--quiet", action="count", default=0,
+                   help="less logging, no progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           parser_class=ArgumentParser)
+
+    s = sub.add_parser("init", help="create an empty repository")
+    s.add_argument("--chunk-size", type=_size, metavar="BYTES",
+                   help="chunk size (power of two, 64K..16M; default from config, 1M)")
+    s.add_argument("--compression-level", type=int, metavar="N", help="zstd level (default 3)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("backup", help="back up domains (full or incremental)")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN")
+    s.add_argument("--all", action="store_true", help="every domain libvirt knows")
+    s.add_argument("--mode", choices=config.MODES, default=None,
+                   help="auto (default): incremental when valid, else full with the reason")
+    s.add_argument("--disk", action="append", default=[], metavar="NAME",
+                   help="back up only this disk target (repeatable)")
+    s.add_argument("--exclude-disk", action="append", default=[], metavar="NAME",
+                   help="skip this disk target (repeatable)")
+    s.add_argument("--quiesce", action="store_true", default=None,
+                   help="freeze guest filesystems through the guest agent around checkpoint "
+                        "creation only")
+    _wait(s)
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("list", help="list backups")
+    s.add_argument("domain", nargs="?", metavar="DOMAIN")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="show one backup's manifest")
+    s.add_argument("domain", metavar="DOMAIN")
+    s.add_argument("backup", metavar="BACKUP", help="backup id or 'latest'")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("restore", help="restore a backup's disks into a directory")
+    s.add_argument("domain", metavar="DOMAIN")
+    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
+                   help="backup id or 'latest' (default)")
+    s.add_argument("--target", required=True, metavar="DIR", help="directory for <disk>.<format>")
+    s.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
+    s.add_argument("--disk", action="append", default=[], metavar="NAME",
+                   help="restore only this disk (repeatable)")
+    s.add_argument("--define", metavar="NEW_NAME",
+                   help="also define a new domain (new name, UUID and MACs) using the disks")
+    s.add_argument("--force", action="store_true", help="overwrite existing files")
+    s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("verify", help="check manifests, indexes and (with --data) chunks")
+    s.add_argument("domain", nargs="?", metavar="DOMAIN")
+    s.add_argument("backup", nargs="?", metavar="BACKUP")
+    s.add_argument("--data", action="store_true", default=None,
+                   help="read every chunk and check its hash")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("prune", help="remove backups outside the retention policy")
+    s.add_argument("domain", nargs="?", metavar="DOMAIN")
+    for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        s.add_argument(f"--keep-{k}", type=int, metavar="N", default=None,
+                       help=f"keep the newest {'N backups' if k == 'last' else k + ' backups'}"
+                       + ("" if k == "last" else " (one per period, N periods)"))
+    s.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    _wait(s)
+    s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("gc", help="remove unreferenced chunks and leftovers of interrupted runs")
+    s.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    _wait(s)
+    s.set_defaults(func=cmd_gc)
+
+    cp = sub.add_parser("checkpoint", help="list or delete libvirt checkpoints")
+    cps = cp.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True,
+                            parser_class=ArgumentParser)
+    s = cps.add_parser("list", help="checkpoints with per-disk bitmap state")
+    s.add_argument("domain", metavar="DOMAIN")
+    s.set_defaults(func=cmd_checkpoint_list)
+    s = cps.add_parser("delete", help="delete checkpoints with their bitmaps in every layer")
+    s.add_argument("domain", metavar="DOMAIN")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("name", nargs="?", metavar="NAME")
+    g.add_argument("--all", action="store_true", help="every checkpoint of the domain")
+    _wait(s)
+    s.set_defaults(func=cmd_checkpoint_delete)
+
+    hy = sub.add_parser("hygiene", help="bitmap hygiene around backing-chain merges")
+    hys = hy.add_subparsers(dest="hygiene_command", metavar="ACTION", required=True,
+                            parser_class=ArgumentParser)
+    for name, helptext in (
+        ("pre-merge", "before merging TOP into BASE: remove stale bitmaps from BASE"),
+        ("post-merge", "after the merge: add TOP-only bitmaps to BASE and merge their bits"),
+    ):
+        s = hys.add_parser(name, help=helptext)
+        s.add_argument("--top", required=True, metavar="IMAGE")
+        s.add_argument("--base", required=True, metavar="IMAGE")
+        s.add_argument("--domain", metavar="DOMAIN", help="live: work through libvirt")
+        s.add_argument("--disk", metavar="NAME", help="disk target with --domain")
+        s.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+        _wait(s)
+        s.set_defaults(func=cmd_hygiene_merge, merge_step=name)
+    s = hys.add_parser("check", help="report (and with --fix repair) bitmap problems")
+    s.add_argument("domain", nargs="?", metavar="DOMAIN")
+    s.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="check image files instead of a domain (repeatable)")
+    s.add_argument("--fix", action="store_true", help="repair what is safe")
+    _wait(s)
+    s.set_defaults(func=cmd_hygiene_check)
+    return p
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = units.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+
+
+# --- context --------------------------------------------------------------------
+
+
+def _repo_path(args: argparse.Namespace, cfg: config.Config, domain: str | None = None) -> str:
+    path = args.repo
+    if not path and domain:
+        path = cfg.for_domain(domain).repository
+    path = path or cfg.repository or os.environ.get("BACKUPKIT_REPO")
+    if not path:
+        raise errors.UsageError(
+            "no repository: use --repo, 'repository' in the config, or $BACKUPKIT_REPO")
+    return str(path)
+
+
+def _open_repo(args: argparse.Namespace, cfg: config.Config, domain: str | None = None) -> Any:
+    from backupkit.repo import Repository
+
+    return Repository.open(_repo_path(args, cfg, domain))
+
+
+def _uri(args: argparse.Namespace, cfg: config.Config) -> str:
+    return str(args.connect or cfg.connect)
+
+
+def _lock_wait(args: argparse.Namespace, cfg: config.Config) -> float:
+    w = getattr(args, "wait", None)
+    return float(w if w is not None else cfg.lock_wait)
+
+
+# --- commands -------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.repo import Repository
+
+    path = _repo_path(args, cfg)
+    repo = Repository.init(
+        path, chunk_size=args.chunk_size or cfg.chunk_size,
+        compression_level=args.compression_level or cfg.backup.compression_level)
+    log.info("initialized repository %s (chunk size %d)", repo.path, repo.chunk_size)
+    return {"repository": repo.path, "chunk_size": repo.chunk_size}
+
+
+def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit import virt
+    from backupkit.ops import backup as op
+    from backupkit.progress import progress_factory
+
+    if args.all and args.domains:
+        raise errors.UsageError("give DOMAIN names or --all, not both")
+    if not args.all and not args.domains:
+        raise errors.UsageError("backup needs DOMAIN... or --all")
+    with virt.connect(_uri(args, cfg)) as conn:
+        names = conn.domain_names() if args.all else list(dict.fromkeys(args.domains))
+
+        def request(name: str) -> op.Request:
+            s = cfg.for_domain(name)
+            quiesce: bool | str = s.quiesce
+            if args.quiesce:
+                quiesce = True
+            return op.Request(
+                domain=name, mode=args.mode or s.mode, disks=tuple(args.disk),
+                exclude=tuple(args.exclude_disk) + s.exclude_disks, quiesce=quiesce,
+                workers=s.workers, scratch_dir=cfg.scratch_dir,
+                lock_wait=_lock_wait(args, cfg))
+
+        hooks = op.Hooks(progress_start=progress_factory(args))
+        repos = {_repo_path(args, cfg, n) for n in names}
+        if len(names) == 1:
+            res = op.backup(_open_repo(args, cfg, names[0]), conn, request(names[0]), hooks)
+            _log_summary(res)
+            _metrics(cfg, res, None)
+            return res
+        if len(repos) > 1:
+            raise errors.UsageError("--all with per-domain repositories: back up each "
+                                    "domain separately")
+        repo = _open_repo(args, cfg, names[0] if names else None)
+
+        def on_result(name: str, res: dict[str, Any] | None, err: errors.Error | None) -> None:
+            if res:
+                _log_summary(res)
+            else:
+                log.error("%s: FAILED: %s", name, err)
+            _metrics(cfg, res, (name, err) if err else None)
+
+        return op.backup_many(repo, conn, names, request, hooks, on_result)
+
+
+def _log_summary(res: dict[str, Any]) -> None:
+    freeze = res.get("freeze_seconds")
+    log.info("%s: backup %s done: mode=%s (%s) read=%d stored=%d duration=%.1fs%s",
+             res["domain"], res["id"], res["mode"], res["reason"], res["read_bytes"],
+             res["stored_bytes"], res["duration_seconds"],
+             f" freeze={freeze:.3f}s" if freeze is not None else "")
+
+
+def _metrics(cfg: config.Config, res: dict[str, Any] | None,
+             failure: tuple[str, errors.Error] | None) -> None:
+    if not cfg.metrics_textfile:
+        return
+    from backupkit import metrics
+
+    try:
+        metrics.record_backup(cfg.metrics_textfile, res, failure)
+    except OSError as e:
+        log.warning("cannot write metrics to %s: %s", cfg.metrics_textfile, e)
+
+
+def cmd_list(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import inspect
+
+    return inspect.list_backups(_open_repo(args, cfg, args.domain), args.domain)
+
+
+def cmd_show(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import inspect
+
+    return inspect.show(_open_repo(args, cfg, args.domain), args.domain, args.backup)
+
+
+def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import restore
+    from backupkit.progress import progress_factory
+
+    factory = progress_factory(args)
+    return restore.restore(
+        _open_repo(args, cfg, args.domain), args.domain, args.backup, args.target,
+        fmt=args.format, disks=tuple(args.disk), define=args.define, force=args.force,
+        connect=_uri(args, cfg), progress=factory("restore", 0) if factory else None)
+
+
+def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import verify
+
+    data = cfg.verify_data if args.data is None else args.data
+    return verify.verify(_open_repo(args, cfg, args.domain), args.domain, args.backup,
+                         data=bool(data))
+
+
+def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import prune
+
+    keys = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+    given = {k: getattr(args, f"keep_{k}") for k in keys}
+    if all(v is None for v in given.values()):
+        given = {k: getattr(cfg, f"keep_{k}") for k in keys}
+    policy = prune.Policy(**{k: v or 0 for k, v in given.items()})
+    return prune.prune(_open_repo(args, cfg, args.domain), args.domain, policy,
+                       dry_run=args.dry_run)
+
+
+def cmd_gc(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import gc
+
+    return gc.gc(_open_repo(args, cfg), dry_run=args.dry_run, wait=_lock_wait(args, cfg))
+
+
+def cmd_checkpoint_list(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import checkpoint
+
+    return checkpoint.list_checkpoints(_uri(args, cfg), args.domain)
+
+
+def cmd_checkpoint_delete(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import checkpoint
+
+    return checkpoint.delete(_uri(args, cfg), args.domain, None if args.all else args.name,
+                             repo_path=_optional_repo(args, cfg, args.domain),
+                             wait=_lock_wait(args, cfg))
+
+
+def _optional_repo(args: argparse.Namespace, cfg: config.Config, domain: str | None
+                   ) -> str | None:
+    try:
+        return _repo_path(args, cfg, domain)
+    except errors.UsageError:
+        return None
+
+
+def cmd_hygiene_merge(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import hygiene
+
+    if bool(args.domain) != bool(args.disk):
+        raise errors.UsageError("--domain and --disk go together")
+    fn = hygiene.pre_merge if args.merge_step == "pre-merge" else hygiene.post_merge
+    return fn(args.top, args.base, domain=args.domain, disk=args.disk,
+              connect=_uri(args, cfg), dry_run=args.dry_run)
+
+
+def cmd_hygiene_check(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import hygiene
+
+    if bool(args.domain) == bool(args.image):
+        raise errors.UsageError("hygiene check needs DOMAIN or --image PATH..., not both")
+    return hygiene.check(images=list(args.image), domain=args.domain, fix=args.fix,
+                         connect=_uri(args, cfg),
+                         repo=_optional_repo(args, cfg, args.domain))
+
+
+# --- main -----------------------------------------------------------------------
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _print_human(doc: Any) -> None:
+    from backupkit import render
+
+    text = render.render(doc)
+    if text:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    verbosity = 0
+    try:
+        args = build_parser().parse_args(argv)
+        verbosity = args.verbose - args.quiet
+        logsetup.setup(verbosity)
+        cfg = config.load(args.config)
+        result = args.func(args, cfg)
+    except errors.Error as e:
+        logsetup.setup(verbosity) if not logging.getLogger("backupkit").handlers else None
+        log.error("%s", e)
+        if verbosity > 0:
+            log.exception("details")
+        if want_json:
+            _print_json({"error": e.to_json()})
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        if want_json:
+            _print_json({"error": {"kind": "interrupted", "message": "interrupted",
+                                   "exit_code": errors.EXIT_FAILED}})
+        return errors.EXIT_FAILED
+    except Exception as e:  # a bug: still one line, still a JSON document
+        log.error("internal error: %s: %s", type(e).__name__, e)
+        if verbosity > 0:
+            log.exception("details")
+        if want_json:
+            _print_json({"error": {"kind": "internal", "message": f"{type(e).__name__}: {e}",
+                                   "exit_code": errors.EXIT_FAILED}})
+        return errors.EXIT_FAILED
+    if args.json:
+        _print_json(result)
+    elif verbosity >= 0:
+        _print_human(result)
+    return errors.EXIT_OK

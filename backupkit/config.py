@@ -1,0 +1,187 @@
+"""TOML configuration: strict (unknown keys and wrong types are errors naming file and key).
+
+The schema below is the single source of truth for every key; the tests check that
+man/backupkit.toml.5 and config/backupkit.toml document each of them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from backupkit.errors import ConfigError
+
+DEFAULT_PATH = "/etc/backupkit/backupkit.toml"
+DEFAULT_CONNECT = "qemu:///system"
+MAX_CONFIG_SIZE = 1 << 20
+
+QUIESCE_VALUES = (True, False, "try")
+MODES = ("auto", "full", "incremental")
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """Settings that may differ per domain (``[domains.NAME]`` overrides ``[backup]``)."""
+
+    repository: str | None = None
+    mode: str = "auto"
+    exclude_disks: tuple[str, ...] = ()
+    quiesce: bool | str = False
+    workers: int = 2
+    compression_level: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None = None
+    repository: str | None = None
+    connect: str = DEFAULT_CONNECT
+    scratch_dir: str = "/var/lib/backupkit/scratch"
+    lock_wait: float = 0.0
+    chunk_size: int = 1 << 20
+    backup: DomainSettings = field(default_factory=DomainSettings)
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 6
+    keep_yearly: int = 0
+    verify_data: bool = False
+    metrics_textfile: str | None = None
+
+    def for_domain(self, name: str) -> DomainSettings:
+        """The backup settings for one domain, its overrides applied."""
+        settings = self.backup
+        if self.repository and settings.repository is None:
+            settings = replace(settings, repository=self.repository)
+        overrides = self.domains.get(name, {})
+        return replace(settings, **overrides) if overrides else settings
+
+
+# key -> (expected type(s), description) for each table; used for validation and docs.
+_TOP: dict[str, tuple[tuple[type, ...], str]] = {
+    "repository": ((str,), "repository path"),
+    "connect": ((str,), "libvirt URI"),
+    "scratch_dir": ((str,), "directory for backup scratch files and sockets"),
+    "lock_wait": ((int, float), "seconds to wait for a busy lock"),
+    "chunk_size": ((int,), "chunk size for new repositories (bytes)"),
+}
+_BACKUP: dict[str, tuple[tuple[type, ...], str]] = {
+    "repository": ((str,), "repository path for this domain"),
+    "mode": ((str,), "auto, full or incremental"),
+    "exclude_disks": ((list,), "disk targets not to back up"),
+    "quiesce": ((bool, str), "freeze guest filesystems: true, false or \"try\""),
+    "workers": ((int,), "threads hashing and compressing"),
+    "compression_level": ((int,), "zstd level for new chunks"),
+}
+_PRUNE = {f"keep_{k}": ((int,), f"keep {k}") for k in
+          ("last", "hourly", "daily", "weekly", "monthly", "yearly")}
+_VERIFY: dict[str, tuple[tuple[type, ...], str]] = {"data": ((bool,), "re-read every chunk")}
+_METRICS: dict[str, tuple[tuple[type, ...], str]] = {
+    "textfile": ((str,), "Prometheus textfile path"),
+}
+TABLES: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "": _TOP, "backup": _BACKUP, "prune": _PRUNE, "verify": _VERIFY, "metrics": _METRICS,
+}
+# Keys accepted inside [domains.NAME].
+DOMAIN_KEYS = _BACKUP
+
+
+def all_keys() -> list[str]:
+    """Every accepted key, dotted (``backup.mode``), for documentation checks."""
+    keys = []
+    for table, spec in TABLES.items():
+        keys += [f"{table}.{k}" if table else k for k in spec]
+    keys += [f"domains.NAME.{k}" for k in DOMAIN_KEYS]
+    return keys
+
+
+def _check(path: str, where: str, table: dict[str, Any],
+           spec: dict[str, tuple[tuple[type, ...], str]]) -> None:
+    for key, value in table.items():
+        name = f"{where}.{key}" if where else key
+        if key not in spec:
+            raise ConfigError(f"unknown key {name!r}", path)
+        types, _ = spec[key]
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(f"{name} must be {types[0].__name__}, not bool", path)
+        if not isinstance(value, types):
+            raise ConfigError(
+                f"{name} must be {' or '.join(t.__name__ for t in types)}, "
+                f"not {type(value).__name__}", path)
+
+
+def _domain_settings(path: str, where: str, t: dict[str, Any]) -> dict[str, Any]:
+    _check(path, where, t, _BACKUP)
+    out: dict[str, Any] = dict(t)
+    if "mode" in out and out["mode"] not in MODES:
+        raise ConfigError(f"{where}.mode must be one of {', '.join(MODES)}", path)
+    if "quiesce" in out and out["quiesce"] not in QUIESCE_VALUES:
+        raise ConfigError(f"{where}.quiesce must be true, false or \"try\"", path)
+    if "exclude_disks" in out:
+        if not all(isinstance(d, str) for d in out["exclude_disks"]):
+            raise ConfigError(f"{where}.exclude_disks must be a list of strings", path)
+        out["exclude_disks"] = tuple(out["exclude_disks"])
+    if "workers" in out and not 1 <= out["workers"] <= 64:
+        raise ConfigError(f"{where}.workers must be between 1 and 64", path)
+    if "compression_level" in out and not 1 <= out["compression_level"] <= 19:
+        raise ConfigError(f"{where}.compression_level must be between 1 and 19", path)
+    return out
+
+
+def parse(doc: dict[str, Any], path: str) -> Config:
+    """Validate a parsed TOML document and build a Config (pure)."""
+    top = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in doc.items() if isinstance(v, dict)}
+    _check(path, "", top, _TOP)
+    kw: dict[str, Any] = dict(top)
+    for name, t in tables.items():
+        if name == "backup":
+            kw["backup"] = DomainSettings(**_domain_settings(path, "backup", t))
+        elif name == "domains":
+            domains = {}
+            for dom, dt in t.items():
+                if not isinstance(dt, dict):
+                    raise ConfigError(f"domains.{dom} must be a table", path)
+                domains[dom] = _domain_settings(path, f"domains.{dom}", dt)
+            kw["domains"] = domains
+        elif name in ("prune", "verify", "metrics"):
+            _check(path, name, t, TABLES[name])
+            for key, value in t.items():
+                kw[{"verify": "verify_", "metrics": "metrics_"}.get(name, "") + key] = value
+        else:
+            raise ConfigError(f"unknown table [{name}]", path)
+    for key in _PRUNE:
+        if kw.get(key, 0) < 0:
+            raise ConfigError(f"prune.{key} must not be negative", path)
+    cs = kw.get("chunk_size", 1 << 20)
+    if cs & (cs - 1) or not (64 << 10) <= cs <= (16 << 20):
+        raise ConfigError("chunk_size must be a power of two between 64 KiB and 16 MiB", path)
+    return Config(path=path, **kw)
+
+
+def load(path: str | None = None) -> Config:
+    """Load the config: an explicit path must exist; the default may be missing."""
+    explicit = path is not None
+    if path is None:
+        path = os.environ.get("BACKUPKIT_CONFIG") or DEFAULT_PATH
+        explicit = "BACKUPKIT_CONFIG" in os.environ
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_SIZE + 1)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("no such file", path) from None
+        return Config()
+    except OSError as e:
+        raise ConfigError(e.strerror or str(e), path) from e
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"larger than {MAX_CONFIG_SIZE} bytes", path)
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"malformed TOML: {e}", path) from e
+    return parse(doc, path)

@@ -1,0 +1,557 @@
+"""The backup operation: checkpoint, pull the data over NBD, commit, clean up.
+
+Order of a backup of one domain (under the domain lock and the shared repository lock):
+
+1. clean up what an interrupted predecessor left: a running backup job, scratch
+   files, and every ``backupkit.`` checkpoint other than the one the latest
+   committed backup references;
+2. choose the mode (:func:`choose_mode`, pure) and record why;
+3. create the new checkpoint together with the export (running: libvirt
+   ``backupBegin`` in pull mode, the guest frozen only around it with
+   ``--quiesce``; shut off: ``qemu-img bitmap --add`` and ``qemu-nbd``);
+4. copy each disk into the repository, write its index, then commit the
+   manifest: the backup exists from that moment on;
+5. end the job; delete the previous checkpoint with its bitmaps.
+
+A failure before the commit ends the job and deletes the new checkpoint, so the
+previous checkpoint still records every write and the next run can be an
+incremental from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import glob
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from backupkit import qemu
+from backupkit.errors import (
+    Error,
+    InvalidName,
+    ModeUnavailable,
+    NotFound,
+    OperationFailed,
+    Partial,
+    QuiesceFailed,
+)
+from backupkit.nbd import Client, QemuNbd
+from backupkit.ops.copy import Progress, copy_disk
+from backupkit.repo import DiskRecord, Index, Manifest, Repository
+from backupkit.virt import Connection, Domain
+from backupkit.virt import xml as vxml
+
+log = logging.getLogger("backupkit.backup")
+
+PREFIX = "backupkit."
+
+
+@dataclass(frozen=True)
+class Request:
+    domain: str
+    mode: str = "auto"  # auto | full | incremental
+    disks: tuple[str, ...] = ()  # only these targets (empty: all)
+    exclude: tuple[str, ...] = ()
+    quiesce: bool | str = False  # True, False or "try"
+    workers: int = 2
+    scratch_dir: str = "/var/lib/backupkit/scratch"
+    lock_wait: float = 0.0
+
+
+@dataclass
+class Hooks:
+    """Test and progress hooks; all optional."""
+
+    job_started: Callable[[], None] | None = None  # after the export exists, before any read
+    before_commit: Callable[[], None] | None = None
+    progress_start: Callable[[str, int], Progress | None] | None = None  # (disk, total) -> cb
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """What choose_mode needs to know about one disk."""
+
+    target: str
+    format: str
+    virtual_size: int
+    bitmap: str | None  # None: bitmap missing; else "ok", "in-use", "not recording", ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    reason: str
+    parent: Manifest | None
+    disk_modes: dict[str, tuple[str, str]] = field(default_factory=dict)  # target -> mode, reason
+
+
+def choose_mode(requested: str, domain: str, previous: Manifest | None,
+                checkpoint_known: bool, disks: Sequence[DiskState]) -> Plan:
+    """Decide full or incremental for one domain, with the reason (pure).
+
+    Incremental needs: a previous backup with a checkpoint libvirt knows, and,
+    for every bitmap-capable disk, the same disk (same size) in that backup and
+    a valid recording bitmap.  Disks that cannot hold bitmaps (raw) are copied in
+    full every time whatever the mode.
+    """
+    raw = {d.target: ("full", f"{d.format} disk cannot hold bitmaps")
+           for d in disks if d.format != "qcow2"}
+    bitmap_disks = [d for d in disks if d.format == "qcow2"]
+
+    def full(reason: str) -> Plan:
+        if requested == "incremental":
+            raise ModeUnavailable(domain, reason)
+        modes = {d.target: ("full", reason) for d in bitmap_disks}
+        return Plan("full", reason, None, {**modes, **raw})
+
+    if requested == "full":
+        return full("full backup requested")
+    if not bitmap_disks:
+        return full("no disk can hold bitmaps")
+    if previous is None:
+        return full("no previous backup in the repository")
+    if not previous.checkpoint:
+        return full(f"previous backup {previous.id} has no checkpoint")
+    if not checkpoint_known:
+        return full(f"checkpoint {previous.checkpoint} missing and its bitmaps are not intact")
+    before = {d.name: d for d in previous.disks}
+    now = {d.target for d in disks}
+    removed = sorted(set(before) - now)
+    if removed:
+        return full(f"disk removed since the previous backup: {', '.join(removed)}")
+    for d in bitmap_disks:
+        prev = before.get(d.target)
+        if prev is None:
+            return full(f"disk {d.target} added since the previous backup")
+        if prev.virtual_size != d.virtual_size:
+            return full(f"disk {d.target} resized from {prev.virtual_size} to {d.virtual_size}")
+        if d.bitmap is None:
+            return full(f"bitmap {previous.checkpoint} missing on disk {d.target}")
+        if d.bitmap != "ok":
+            return full(f"bitmap {previous.checkpoint} on disk {d.target} is {d.bitmap}")
+    reason = f"checkpoint {previous.checkpoint} and its bitmaps are valid"
+    modes = {d.target: ("incremental", reason) for d in bitmap_disks}
+    return Plan("incremental", reason, previous, {**modes, **raw})
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def select_disks(all_disks: list[vxml.Disk], only: Sequence[str], exclude: Sequence[str],
+                 domain: str) -> list[vxml.Disk]:
+    names = {d.target for d in all_disks}
+    for n in (*only, *exclude):
+        if n not in names:
+            raise NotFound("disk", f"{domain}/{n}", f"domain has {', '.join(sorted(names))}")
+    chosen = [d for d in all_disks
+              if (not only or d.target in only) and d.target not in exclude]
+    if not chosen:
+        raise InvalidName("disk selection", ",".join(only) or "(all)",
+                          "no disk left to back up")
+    return chosen
+
+
+def _running_bitmap_state(dom: Domain, disk: vxml.Disk, name: str,
+                          live: dict[str, list[dict[str, Any]]]) -> str | None:
+    for b in live.get(disk.path, []):
+        if b.get("name") == name:
+            if b.get("inconsistent"):
+                return "inconsistent"
+            if b.get("busy"):
+                return "in use by another job"
+            if not b.get("recording"):
+                return "not recording"
+            return "ok"
+    return None
+
+
+def _cold_bitmap_state(disk: vxml.Disk, name: str) -> str | None:
+    b = qemu.info(disk.path, force_share=False).bitmap(name)
+    if b is None:
+        return None
+    if b.in_use:
+        return "in-use (not stored cleanly)"
+    if not b.recording:
+        return "not recording"
+    return "ok"
+
+
+def _sizes(dom: Domain, disks: list[vxml.Disk], running: bool) -> dict[str, int]:
+    sizes = {}
+    for d in disks:
+        sizes[d.target] = qemu.info(d.path, force_share=running).virtual_size
+    return sizes
+
+
+class _Backup:
+    """One domain's backup run."""
+
+    def __init__(self, repo: Repository, conn: Connection, req: Request, hooks: Hooks) -> None:
+        self.repo = repo
+        self.conn = conn
+        self.req = req
+        self.hooks = hooks
+        self.started = _now()
+        self.t0 = time.monotonic()
+        self.dom = conn.domain(req.domain)
+        self.warnings: list[str] = []
+
+    # -- leftovers ----------------------------------------------------------------
+
+    def _scratch_prefix(self) -> str:
+        h = hashlib.sha256(self.req.domain.encode()).hexdigest()[:12]
+        return os.path.join(self.req.scratch_dir, f"bk-{h}")
+
+    def cleanup_leftovers(self, keep: str | None, running: bool) -> None:
+        if running and self.dom.backup_job_active():
+            log.warning("%s: aborting a backup job left by an interrupted run", self.req.domain)
+            self.dom.abort_job()
+        for path in glob.glob(glob.escape(self._scratch_prefix()) + ".*"):
+            log.info("%s: removing leftover %s", self.req.domain, path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for cp in self.dom.checkpoints():
+            if cp.name.startswith(PREFIX) and cp.name != keep:
+                log.warning("%s: deleting stale checkpoint %s (no committed backup uses it)",
+                            self.req.domain, cp.name)
+                delete_checkpoint(self.dom, cp.name, running)
+
+    # -- mode -------------------------------------------------------------------
+
+    def _recover_checkpoint(self, prev: Manifest, disks: list[vxml.Disk], running: bool
+                            ) -> bool:
+        """Is the previous checkpoint usable?  Redefine it if only libvirt's metadata is lost."""
+        assert prev.checkpoint
+        known = {c.name for c in self.dom.checkpoints()}
+        if prev.checkpoint in known:
+            return True
+        if not prev.checkpoint_xml:
+            return False
+        info = vxml.parse_checkpoint(prev.checkpoint_xml)
+        if info.parent not in known:
+            info = vxml.CheckpointInfo(info.name, None, info.creation_time, info.disks)
+        for d in disks:
+            bitmap = info.disks.get(d.target)
+            if bitmap is None:
+                continue
+            state = (self._live_state(d, bitmap) if running else _cold_bitmap_state(d, bitmap))
+            if state != "ok":
+                return False
+        try:
+            self.dom.redefine_checkpoint(vxml.redefine_xml(info), validate=running)
+        except Error as e:
+            log.warning("%s: cannot redefine checkpoint %s: %s", self.req.domain, info.name, e)
+            return False
+        log.warning("%s: checkpoint %s was missing from libvirt; redefined from the repository",
+                    self.req.domain, info.name)
+        self.warnings.append(f"checkpoint {info.name} redefined from the repository")
+        return True
+
+    def _live_state(self, disk: vxml.Disk, bitmap: str) -> str | None:
+        return _running_bitmap_state(self.dom, disk, bitmap, self.dom.block_bitmaps())
+
+    def plan(self, disks: list[vxml.Disk], running: bool) -> Plan:
+        try:
+            prev: Manifest | None = self.repo.get_manifest(self.req.domain, "latest")
+        except NotFound:
+            prev = None
+        keep = prev.checkpoint if prev else None
+        self.cleanup_leftovers(keep, running)
+        if self.req.mode == "full" or prev is None or not prev.checkpoint:
+            known = False
+        else:
+            known = self._recover_checkpoint(prev, disks, running)
+        sizes = _sizes(self.dom, disks, running)
+        live = self.dom.block_bitmaps() if running and known else {}
+        states = []
+        for d in disks:
+            state: str | None = None
+            if known and prev and prev.checkpoint and d.can_bitmap:
+                state = (_running_bitmap_state(self.dom, d, prev.checkpoint, live) if running
+                         else _cold_bitmap_state(d, prev.checkpoint))
+            states.append(DiskState(d.target, d.format, sizes[d.target], state))
+        plan = choose_mode(self.req.mode, self.req.domain, prev, known, states)
+        if plan.mode == "incremental" and running and prev and prev.checkpoint:
+            # libvirt's own view: fails on a missing or broken bitmap.
+            try:
+                self.dom.checkpoint_size(prev.checkpoint)
+            except Error as e:
+                plan = choose_mode(self.req.mode, self.req.domain, prev, False, states) \
+                    if self.req.mode != "incremental" else _raise_mode(self.req.domain, str(e))
+        return plan
+
+    # -- run --------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        running = self.dom.is_active()
+        disks = select_disks(self.dom.disks(), self.req.disks, self.req.exclude,
+                             self.req.domain)
+        plan = self.plan(disks, running)
+        backup_id = self.repo.new_backup_id()
+        checkpoint = PREFIX + backup_id
+        log.info("%s: %s backup %s (%s)", self.req.domain, plan.mode, backup_id, plan.reason)
+        prev_cp = plan.parent.checkpoint if plan.parent else None
+        if running:
+            manifest = self._run_live(disks, plan, backup_id, checkpoint)
+        else:
+            manifest = self._run_cold(disks, plan, backup_id, checkpoint)
+        # The backup is committed; the previous checkpoint is no longer needed.
+        for cp in self.dom.checkpoints():
+            if cp.name.startswith(PREFIX) and cp.name != checkpoint:
+                try:
+                    delete_checkpoint(self.dom, cp.name, running)
+                except Error as e:
+                    msg = f"could not delete old checkpoint {cp.name}: {e}"
+                    log.warning("%s: %s", self.req.domain, msg)
+                    self.warnings.append(msg)
+        result = summary(manifest)
+        result["parent_checkpoint"] = prev_cp
+        if self.warnings:
+            result["warnings"] = self.warnings
+        return result
+
+    def _manifest(self, plan: Plan, backup_id: str, checkpoint: str, cp_xml: str | None,
+                  records: list[DiskRecord], domain_xml: str, freeze: float | None,
+                  quiesced: bool) -> Manifest:
+        finished = _now()
+        return Manifest(
+            version=1, id=backup_id, domain=self.req.domain, created=_iso(self.started),
+            mode=plan.mode, reason=plan.reason, checkpoint=checkpoint,
+            parent_checkpoint=plan.parent.checkpoint if plan.parent else None,
+            parent_id=plan.parent.id if plan.parent else None,
+            started=_iso(self.started), finished=_iso(finished),
+            duration_seconds=round(time.monotonic() - self.t0, 3),
+            quiesced=quiesced, freeze_seconds=freeze, domain_xml=domain_xml,
+            checkpoint_xml=cp_xml, disks=records)
+
+    def _copy(self, client: Client, disk: vxml.Disk, plan: Plan, backup_id: str) -> DiskRecord:
+        mode, reason = plan.disk_modes[disk.target]
+        parent_index: Index | None = None
+        if mode == "incremental":
+            assert plan.parent
+            parent_index = self.repo.load_index(plan.parent, disk.target)
+        progress = None
+        if self.hooks.progress_start:
+            progress = self.hooks.progress_start(disk.target, client.size)
+        t = time.monotonic()
+        res = copy_disk(client, self.repo, parent=parent_index, workers=self.req.workers,
+                        progress=progress)
+        ref = self.repo.write_index(self.req.domain, backup_id, disk.target, res.index)
+        log.info("%s: disk %s %s: read %d bytes, stored %d bytes in %.1fs", self.req.domain,
+                 disk.target, mode, res.read_bytes, res.stored_bytes, time.monotonic() - t)
+        rec = DiskRecord(name=disk.target, source=disk.path, format=disk.format,
+                         virtual_size=client.size, read_bytes=res.read_bytes,
+                         stored_bytes=res.stored_bytes, data_bytes=res.index.data_bytes,
+                         index=ref)
+        rec_extra = getattr(rec, "__dict__", None)
+        if rec_extra is not None:
+            rec_extra.setdefault("mode", mode)
+            rec_extra.setdefault("reason", reason)
+        return rec
+
+    def _run_live(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
+                  checkpoint: str) -> Manifest:
+        os.makedirs(self.req.scratch_dir, exist_ok=True)
+        prefix = self._scratch_prefix()
+        sock = f"{prefix}.sock"
+        if len(sock) > 100:
+            raise InvalidName("scratch_dir", self.req.scratch_dir,
+                              "too long for a unix socket path")
+        scratch = {d.target: f"{prefix}.{d.target}.scratch" for d in disks}
+        inc = None
+        if plan.mode == "incremental":
+            assert plan.parent
+            inc = {t: (plan.parent.checkpoint if m == "incremental" else None)
+                   for t, (m, _) in plan.disk_modes.items()}
+        backup_xml = vxml.backup_xml(sock, disks, scratch, inc)
+        cp_xml = vxml.checkpoint_xml(checkpoint, disks,
+                                     description=f"backupkit backup {backup_id}")
+        domain_xml = self.dom.xml(inactive=True)
+        freeze: float | None = None
+        quiesced = False
+        created = False
+        try:
+            if self.req.quiesce:
+                try:
+                    with self.dom.frozen() as window:
+                        self.dom.backup_begin(backup_xml, cp_xml)
+                        created = True
+                    freeze = round(window["seconds"], 6)
+                    quiesced = True
+                except QuiesceFailed as e:
+                    if self.req.quiesce != "try":
+                        raise
+                    msg = f"not quiesced: {e.reason}"
+                    log.warning("%s: %s", self.req.domain, msg)
+                    self.warnings.append(msg)
+            if not created:
+                self.dom.backup_begin(backup_xml, cp_xml)
+                created = True
+            if self.hooks.job_started:
+                self.hooks.job_started()
+            stored_cp_xml = self.dom.checkpoint_xml(checkpoint)
+            records = []
+            for d in disks:
+                with Client(sock, d.target, dirty=plan.disk_modes[d.target][0] ==
+                            "incremental") as client:
+                    records.append(self._copy(client, d, plan, backup_id))
+            manifest = self._manifest(plan, backup_id, checkpoint, stored_cp_xml, records,
+                                      domain_xml, freeze, quiesced)
+            if self.hooks.before_commit:
+                self.hooks.before_commit()
+            self.repo.commit(manifest)
+        except BaseException:
+            with contextlib.suppress(Error):
+                self.dom.abort_job()
+            if created:
+                with contextlib.suppress(Error):
+                    delete_checkpoint(self.dom, checkpoint, running=True)
+            raise
+        self.dom.abort_job()
+        return manifest
+
+    def _run_cold(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
+                  checkpoint: str) -> Manifest:
+        if self.req.quiesce and self.req.quiesce != "try":
+            raise QuiesceFailed(self.req.domain, "domain is not running")
+        os.makedirs(self.req.scratch_dir, exist_ok=True)
+        prefix = self._scratch_prefix()
+        domain_xml = self.dom.xml(inactive=True)
+        added: list[vxml.Disk] = []
+        prev_cp = plan.parent.checkpoint if plan.parent else None
+        info = vxml.CheckpointInfo(checkpoint, prev_cp, int(time.time()),
+                                   {d.target: (checkpoint if d.can_bitmap else None)
+                                    for d in disks})
+        cp_xml = vxml.redefine_xml(info)
+        try:
+            for d in disks:
+                if d.can_bitmap:
+                    qemu.bitmap_add(d.path, checkpoint)
+                    added.append(d)
+            if self.hooks.job_started:
+                self.hooks.job_started()
+            records = []
+            for d in disks:
+                mode = plan.disk_modes[d.target][0]
+                with QemuNbd(d.path, d.format, f"{prefix}.{d.target}.sock", export=d.target,
+                             read_only=True,
+                             bitmap=prev_cp if mode == "incremental" else None) as server, \
+                        server.client(dirty=mode == "incremental") as client:
+                    records.append(self._copy(client, d, plan, backup_id))
+            manifest = self._manifest(plan, backup_id, checkpoint, cp_xml, records,
+                                      domain_xml, None, False)
+            if self.hooks.before_commit:
+                self.hooks.before_commit()
+            self.repo.commit(manifest)
+        except BaseException:
+            for d in added:
+                with contextlib.suppress(Error):
+                    qemu.bitmap_remove(d.path, checkpoint)
+            raise
+        # Committed: tell libvirt about the checkpoint (metadata only for a shut-off domain).
+        try:
+            self.dom.redefine_checkpoint(cp_xml)
+        except Error as e:
+            msg = f"could not record checkpoint {checkpoint} in libvirt: {e}"
+            log.warning("%s: %s", self.req.domain, msg)
+            self.warnings.append(msg)
+        return manifest
+
+
+def _raise_mode(domain: str, reason: str) -> Plan:
+    raise ModeUnavailable(domain, reason)
+
+
+def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:
+    """Delete a checkpoint with its bitmap in every layer of every disk's chain."""
+    if running:
+        dom.delete_checkpoint(name)
+        return
+    for d in dom.disks():
+        for layer in [d.path, *(b.path for b in d.backing)]:
+            if layer.endswith(".raw"):
+                continue
+            try:
+                img = qemu.info(layer, force_share=False)
+            except Error:
+                continue
+            if img.format == "qcow2" and img.bitmap(name) is not None:
+                qemu.bitmap_remove(layer, name)
+    with contextlib.suppress(NotFound):
+        dom.delete_checkpoint(name, metadata_only=True)
+
+
+def summary(m: Manifest) -> dict[str, Any]:
+    """The backup result document (CONTRACT.md: JSON, backup result)."""
+    return {
+        "domain": m.domain,
+        "id": m.id,
+        "mode": m.mode,
+        "reason": m.reason,
+        "checkpoint": m.checkpoint,
+        "parent_checkpoint": m.parent_checkpoint,
+        "parent_id": m.parent_id,
+        "created": m.created,
+        "quiesced": m.quiesced,
+        "freeze_seconds": m.freeze_seconds,
+        "duration_seconds": m.duration_seconds,
+        "read_bytes": sum(d.read_bytes for d in m.disks),
+        "stored_bytes": sum(d.stored_bytes for d in m.disks),
+        "disks": [
+            {"name": d.name, "format": d.format, "virtual_size": d.virtual_size,
+             "read_bytes": d.read_bytes, "stored_bytes": d.stored_bytes,
+             "data_bytes": d.data_bytes,
+             "mode": getattr(d, "mode", m.mode), "reason": getattr(d, "reason", m.reason)}
+            for d in m.disks
+        ],
+    }
+
+
+def backup(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None = None
+           ) -> dict[str, Any]:
+    """Back up one domain; raises on failure (nothing half-committed is visible)."""
+    with repo.lock_shared(wait=req.lock_wait), repo.lock_domain(req.domain, wait=req.lock_wait):
+        return _Backup(repo, conn, req, hooks or Hooks()).run()
+
+
+def backup_many(repo: Repository, conn: Connection, domains: Sequence[str],
+                make_request: Callable[[str], Request], hooks: Hooks | None = None,
+                on_result: Callable[[str, dict[str, Any] | None, Error | None], None]
+                | None = None) -> dict[str, Any]:
+    """Back up several domains in order; one failure does not stop the others."""
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for name in domains:
+        try:
+            res = backup(repo, conn, make_request(name), hooks)
+            results.append(res)
+            if on_result:
+                on_result(name, res, None)
+        except Error as e:
+            log.error("%s: backup failed: %s", name, e)
+            failed.append({"domain": name, **e.to_json()})
+            if on_result:
+                on_result(name, None, e)
+    doc = {"backups": results, "failed": failed}
+    if failed and results:
+        raise Partial(f"{len(failed)} of {len(domains)} domains failed: "
+                      + ", ".join(f["domain"] for f in failed), result=doc)
+    if failed:
+        raise OperationFailed(f"all {len(failed)} domains failed: "
+                              + "; ".join(f"{f['domain']}: {f['message']}" for f in failed),
+                              result=doc)
+    return doc

@@ -1,0 +1,201 @@
+"""A thin adapter around libvirt: every libvirt error is translated here, once.
+
+Callers get backupkit.errors exceptions (NotFound for a missing domain or
+checkpoint, LibvirtError with libvirt's message otherwise) and never see
+libvirt.libvirtError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
+
+import libvirt
+
+from backupkit.errors import LibvirtError, NotFound, QuiesceFailed
+from backupkit.virt.xml import CheckpointInfo, Disk, parse_checkpoint, parse_disks
+
+log = logging.getLogger("backupkit.virt")
+
+T = TypeVar("T")
+
+# libvirt logs every error to stderr through its default handler; we report them ourselves.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_NOT_FOUND = {
+    libvirt.VIR_ERR_NO_DOMAIN: "domain",
+    libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT: "checkpoint",
+}
+
+
+def _call(op: str, fn: Callable[..., T], *args: Any, name: str = "") -> T:
+    try:
+        return fn(*args)
+    except libvirt.libvirtError as e:
+        code = e.get_error_code()
+        if code in _NOT_FOUND:
+            raise NotFound(_NOT_FOUND[code], name or op) from e
+        raise LibvirtError(op, e.get_error_message() or str(e), code) from e
+
+
+class Connection:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn = _call(f"connect {uri}", libvirt.open, uri)
+
+    def domain(self, name: str) -> Domain:
+        return Domain(_call("lookup domain", self._conn.lookupByName, name, name=name))
+
+    def domain_names(self) -> list[str]:
+        doms = _call("list domains", self._conn.listAllDomains, 0)
+        return sorted(d.name() for d in doms)
+
+    def define(self, xml: str) -> Domain:
+        return Domain(_call("define domain", self._conn.defineXML, xml))
+
+    def close(self) -> None:
+        with suppress(libvirt.libvirtError):
+            self._conn.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(uri: str) -> Connection:
+    return Connection(uri)
+
+
+class Domain:
+    def __init__(self, dom: Any) -> None:
+        self._dom = dom
+        self.name: str = dom.name()
+
+    @property
+    def raw(self) -> Any:
+        """The libvirt.virDomain (for tests and diagnostics)."""
+        return self._dom
+
+    def is_active(self) -> bool:
+        return bool(_call("domain state", self._dom.isActive, name=self.name))
+
+    def xml(self, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return str(_call("domain XML", self._dom.XMLDesc, flags, name=self.name))
+
+    def disks(self) -> list[Disk]:
+        return parse_disks(self.xml())
+
+    # --- checkpoints -------------------------------------------------------
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        cps = _call("list checkpoints", self._dom.listAllCheckpoints, 0, name=self.name)
+        infos = [parse_checkpoint(c.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+                 for c in cps]
+        return sorted(infos, key=lambda c: (c.creation_time, c.name))
+
+    def checkpoint(self, name: str) -> CheckpointInfo:
+        cp = _call("lookup checkpoint", self._dom.checkpointLookupByName, name, 0, name=name)
+        return parse_checkpoint(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+
+    def checkpoint_xml(self, name: str) -> str:
+        cp = _call("lookup checkpoint", self._dom.checkpointLookupByName, name, 0, name=name)
+        return str(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+
+    def checkpoint_size(self, name: str) -> dict[str, int]:
+        """Bytes dirtied since the checkpoint per disk; fails on a missing or broken bitmap."""
+        cp = _call("lookup checkpoint", self._dom.checkpointLookupByName, name, 0, name=name)
+        xml = _call(f"checkpoint {name} size", cp.getXMLDesc,
+                    libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE
+                    | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+        import xml.etree.ElementTree as ET
+
+        root = ET.fromstring(xml)
+        return {d.get("name", ""): int(d.get("size", "0"))
+                for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap"}
+
+    def redefine_checkpoint(self, xml: str, validate: bool = False) -> None:
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+        if validate:
+            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+        _call("redefine checkpoint", self._dom.checkpointCreateXML, xml, flags, name=self.name)
+
+    def delete_checkpoint(self, name: str, metadata_only: bool = False) -> None:
+        cp = _call("lookup checkpoint", self._dom.checkpointLookupByName, name, 0, name=name)
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
+        _call(f"delete checkpoint {name}", cp.delete, flags, name=name)
+
+    # --- backup jobs -------------------------------------------------------
+
+    def backup_begin(self, backup_xml: str, checkpoint_xml: str | None) -> None:
+        _call("backupBegin", self._dom.backupBegin, backup_xml, checkpoint_xml, 0,
+              name=self.name)
+
+    def backup_job_active(self) -> bool:
+        try:
+            stats = self._dom.jobStats(0)
+        except libvirt.libvirtError:
+            return False
+        op = stats.get("operation")
+        return bool(stats.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE
+                    and op == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP)
+
+    def abort_job(self) -> None:
+        """End a running backup job; no error if none is running."""
+        try:
+            self._dom.abortJob()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() not in (libvirt.VIR_ERR_OPERATION_INVALID,
+                                          libvirt.VIR_ERR_NO_DOMAIN):
+                raise LibvirtError("abortJob", e.get_error_message() or str(e)) from e
+
+    # --- guest agent ---------------------------------------------------------
+
+    @contextmanager
+    def frozen(self) -> Iterator[dict[str, float]]:
+        """Freeze guest filesystems through the agent; yields a dict receiving 'seconds'."""
+        window: dict[str, float] = {}
+        start = time.monotonic()
+        try:
+            self._dom.fsFreeze(None, 0)
+        except libvirt.libvirtError as e:
+            raise QuiesceFailed(self.name, e.get_error_message() or str(e)) from e
+        try:
+            yield window
+        finally:
+            try:
+                self._dom.fsThaw(None, 0)
+            finally:
+                window["seconds"] = time.monotonic() - start
+
+    # --- monitor (read-only queries) ----------------------------------------
+
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        import libvirt_qemu
+
+        cmd: dict[str, Any] = {"execute": command}
+        if arguments:
+            cmd["arguments"] = arguments
+        out = _call(f"QMP {command}", libvirt_qemu.qemuMonitorCommand, self._dom,
+                    json.dumps(cmd), 0, name=self.name)
+        return json.loads(out)["return"]
+
+    def block_bitmaps(self) -> dict[str, list[dict[str, Any]]]:
+        """Bitmaps per image file of a running domain, as QEMU holds them in memory.
+
+        Maps the image filename of each block node to its dirty bitmaps
+        (name, recording, busy, persistent, inconsistent, count, granularity).
+        """
+        nodes = self.qmp("query-named-block-nodes", {"flat": True})
+        result: dict[str, list[dict[str, Any]]] = {}
+        for node in nodes:
+            if node.get("drv") in ("file", "host_device", "raw"):
+                continue
+            result.setdefault(node.get("file", ""), []).extend(node.get("dirty-bitmaps", []))
+        return result

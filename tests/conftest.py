@@ -1,0 +1,85 @@
+"""Shared fixtures: a libvirt connection and real test domains.
+
+Tests that need libvirt are marked ``libvirt``.  When libvirt is not reachable
+they skip on a developer machine but FAIL under CI (CI=true), so a broken rig
+can never pass as green.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import rig
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _libvirt_unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"libvirt is required in CI: {reason}", pytrace=False)
+    pytest.skip(f"libvirt not available: {reason}")
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn() -> Iterator[object]:
+    try:
+        import libvirt
+    except ImportError as e:
+        _libvirt_unavailable(str(e))
+    try:
+        conn = libvirt.open(rig.URI)
+    except libvirt.libvirtError as e:
+        _libvirt_unavailable(str(e))
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def make_domain(libvirt_conn: object, tmp_path: Path
+                ) -> Iterator[Callable[..., rig.TestDomain]]:
+    """Factory: make_domain([("qcow2", 64 * MiB), ("raw", 32 * MiB)], running=True)."""
+    made: list[rig.TestDomain] = []
+
+    def factory(disks: list[tuple[str, int]] | None = None, *, running: bool = True
+                ) -> rig.TestDomain:
+        td = rig.create_domain(libvirt_conn, tmp_path / "images",  # type: ignore[arg-type]
+                               disks or [("qcow2", 64 * rig.MiB)], running=running)
+        made.append(td)
+        return td
+
+    yield factory
+    for td in made:
+        td.cleanup()
+
+
+@pytest.fixture
+def repo_path(tmp_path: Path) -> Path:
+    return tmp_path / "repo"
+
+
+@pytest.fixture
+def scratch_dir(tmp_path: Path) -> Path:
+    p = tmp_path / "scratch"
+    p.mkdir()
+    return p
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real backupkit command line in a child process."""
+    full_env = dict(os.environ)
+    full_env.pop("BACKUPKIT_CONFIG", None)
+    full_env["BACKUPKIT_CONFIG"] = "/dev/null/none"  # no host config leaks into tests
+    full_env.pop("BACKUPKIT_CONFIG")
+    if env:
+        full_env.update(env)
+    cp = subprocess.run(["backupkit", *args], capture_output=True, text=True, env=full_env,
+                        timeout=timeout, check=False)
+    if check and cp.returncode != 0:
+        raise AssertionError(f"backupkit {' '.join(args)} exit {cp.returncode}: {cp.stderr}")
+    return cp

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backupkit import config
+from backupkit.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_example_config_loads() -> None:
+    cfg = config.load(str(Path(__file__).parent.parent / "config" / "backupkit.toml"))
+    assert cfg.repository
+
+
+def test_domain_overrides(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, """
+repository = "/r"
+[backup]
+quiesce = true
+[domains.web]
+quiesce = "try"
+exclude_disks = ["vdb"]
+"""))
+    assert cfg.for_domain("web").quiesce == "try"
+    assert cfg.for_domain("web").exclude_disks == ("vdb",)
+    assert cfg.for_domain("db").quiesce is True
+    assert cfg.for_domain("db").repository == "/r"
+
+
+@pytest.mark.parametrize(("text", "msg"), [
+    ("bogus = 1", "unknown key 'bogus'"),
+    ("[backup]\nmode = 'sometimes'", "backup.mode must be one of"),
+    ("[backup]\nworkers = 'two'", "backup.workers must be int, not str"),
+    ("[prune]\nkeep_daily = true", "prune.keep_daily must be int, not bool"),
+    ("[nope]\nx = 1", "unknown table [nope]"),
+    ("chunk_size = 1000", "power of two"),
+    ("repository = ", "malformed TOML"),
+    ("[domains.web]\nfoo = 1", "unknown key 'domains.web.foo'"),
+])
+def test_errors_name_file_and_key(tmp_path: Path, text: str, msg: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert msg in str(e.value)
+    assert str(e.value).startswith(path)
+    assert e.value.exit_code == 2
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(str(tmp_path / "missing.toml"))
+
+
+def test_missing_default_file_is_fine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("BACKUPKIT_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "none.toml"))
+    assert config.load().connect == "qemu:///system"
