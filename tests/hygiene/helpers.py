@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -63,22 +61,15 @@ def bitmaps(path: str) -> dict[str, dict[str, object]]:
 
 
 def make_in_use(path: str) -> None:
-    """Leave the image's current bitmaps in-use, as a QEMU killed with SIGKILL does."""
+    """Leave the image's current bitmaps in-use, as a QEMU killed with SIGKILL does.
+
+    qemu-io opens the image read-write (which marks its bitmaps in-use on
+    disk) and then kills itself with SIGKILL: deterministic, unlike killing
+    a qemu-nbd from outside (that raced under load).
+    """
     names = set(bitmaps(path))
-    sock = f"{path}.kill.sock"
-    p = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, path],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        # Serving means the image is open read-write and its bitmaps marked in-use.
-        while run("nbdinfo", "--size", f"nbd+unix:///?socket={sock}").returncode != 0:
-            assert p.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.02)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        if os.path.exists(sock):
-            os.unlink(sock)
+    cp = run("qemu-io", "-f", "qcow2", "-c", "sigraise 9", path)
+    assert cp.returncode == -signal.SIGKILL, cp
     after = bitmaps(path)
     assert all("in-use" in after[n]["flags"] for n in names), after
 
