@@ -304,13 +304,15 @@ class LocalStorage:
                         continue
                     yield from self._walk_fd(sub, key, tmp)
                     continue
-                if e.name.startswith(TMP_PREFIX) != tmp:
-                    continue
                 try:
-                    size = e.stat(follow_symlinks=False).st_size
+                    st_ = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(key, size)
+                if not stat.S_ISREG(st_.st_mode):
+                    raise self._corrupt(key, "is a symlink or special file; refusing to use it")
+                if e.name.startswith(TMP_PREFIX) != tmp:
+                    continue
+                yield ObjectInfo(key, st_.st_size)
         finally:
             os.close(dfd)
 
