@@ -25,7 +25,7 @@ Handler = Callable[[argparse.Namespace, config.Config], Any]
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise errors.UsageError(f"{self.prog}: {message}")
 
 
@@ -316,7 +316,9 @@ def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
     given = {k: getattr(args, f"keep_{k}") for k in keys}
     if all(v is None for v in given.values()):
         given = {k: getattr(cfg, f"keep_{k}") for k in keys}
-    policy = prune.Policy(**{k: v or 0 for k, v in given.items()})
+    policy = prune.Policy(last=given["last"] or 0, hourly=given["hourly"] or 0,
+                          daily=given["daily"] or 0, weekly=given["weekly"] or 0,
+                          monthly=given["monthly"] or 0, yearly=given["yearly"] or 0)
     return prune.prune(_open_repo(args, cfg, args.domain), args.domain, policy,
                        dry_run=args.dry_run)
 

@@ -77,8 +77,9 @@ _BACKUP: dict[str, tuple[tuple[type, ...], str]] = {
     "workers": ((int,), "threads hashing and compressing"),
     "compression_level": ((int,), "zstd level for new chunks"),
 }
-_PRUNE = {f"keep_{k}": ((int,), f"keep {k}") for k in
-          ("last", "hourly", "daily", "weekly", "monthly", "yearly")}
+_PRUNE: dict[str, tuple[tuple[type, ...], str]] = {
+    f"keep_{k}": ((int,), f"keep {k}")
+    for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly")}
 _VERIFY: dict[str, tuple[tuple[type, ...], str]] = {"data": ((bool,), "re-read every chunk")}
 _METRICS: dict[str, tuple[tuple[type, ...], str]] = {
     "textfile": ((str,), "Prometheus textfile path"),

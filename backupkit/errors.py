@@ -133,6 +133,9 @@ class CommandFailed(OperationFailed):
 
     kind = "command_failed"
     msg = "{cmd} failed (exit {rc}): {stderr}"
+    cmd: str
+    rc: int
+    stderr: str
 
     def __init__(self, cmd: str, rc: int, stderr: str) -> None:
         super().__init__(stderr, cmd=cmd, rc=rc, stderr=stderr.strip())

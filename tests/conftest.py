@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -72,14 +73,14 @@ def scratch_dir(tmp_path: Path) -> Path:
 def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the real backupkit command line in a child process."""
-    full_env = dict(os.environ)
-    full_env.pop("BACKUPKIT_CONFIG", None)
-    full_env["BACKUPKIT_CONFIG"] = "/dev/null/none"  # no host config leaks into tests
-    full_env.pop("BACKUPKIT_CONFIG")
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("BACKUPKIT_CONFIG", "BACKUPKIT_REPO", "JOURNAL_STREAM")}
+    # A host config must not leak into tests: an empty file, unless the test gives one.
+    full_env["BACKUPKIT_CONFIG"] = "/dev/null"
     if env:
         full_env.update(env)
-    cp = subprocess.run(["backupkit", *args], capture_output=True, text=True, env=full_env,
-                        timeout=timeout, check=False)
+    cp = subprocess.run([sys.executable, "-m", "backupkit", *args], capture_output=True,
+                        text=True, env=full_env, timeout=timeout, check=False)
     if check and cp.returncode != 0:
         raise AssertionError(f"backupkit {' '.join(args)} exit {cp.returncode}: {cp.stderr}")
     return cp

@@ -48,7 +48,7 @@ def list_checkpoints(uri: str, domain: str) -> dict[str, Any]:
         states = _bitmap_states(dom)
         out = []
         for cp in dom.checkpoints():
-            disks = []
+            disks: list[dict[str, Any]] = []
             for target, bitmap in cp.disks.items():
                 if bitmap is None:
                     disks.append({"name": target, "bitmap": None})

@@ -199,3 +199,28 @@ class Domain:
                 continue
             result.setdefault(node.get("file", ""), []).extend(node.get("dirty-bitmaps", []))
         return result
+
+
+def define_restored(uri: str, manifest: Any, new_name: str, disk_paths: dict[str, str]) -> str:
+    """Define (not start) a new domain from a backup's stored domain XML.
+
+    New name and UUID, new MAC addresses, disks pointing at the restored files
+    with no backing chain, no checkpoints.  Refuses an existing name.
+    """
+    from backupkit.errors import UsageError
+    from backupkit.virt.xml import restored_domain_xml
+
+    with connect(uri) as conn:
+        if new_name in conn.domain_names():
+            raise UsageError(f"domain {new_name!r} already exists; choose another --define name")
+        paths = {name: (path, "raw" if path.endswith(".raw") else "qcow2")
+                 for name, path in disk_paths.items()}
+        xml = restored_domain_xml(manifest.domain_xml, new_name, paths)
+        conn.define(xml)
+        log.info("defined domain %s from backup %s/%s", new_name, manifest.domain, manifest.id)
+        return new_name
+
+
+def domain_exists(uri: str, name: str) -> bool:
+    with connect(uri) as conn:
+        return name in conn.domain_names()
