@@ -2,7 +2,7 @@
 
 Build (idempotent, cached in $BACKUPKIT_GUEST_CACHE, default /var/tmp/backupkit-guest):
 the Debian kernel (uncompressed from its vmlinuz: boots faster under TCG) and an
-initramfs with busybox, qemu-ga, e2fsprogs and 13 modules.  `init.sh` beside this file
+initramfs with busybox, qemu-ga, e2fsprogs and 12 modules.  `init.sh` beside this file
 is the guest's /init.  Run it by hand with `python tests/guest/bkguest.py` or
 `scripts/build-guest.sh`.
 

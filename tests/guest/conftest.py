@@ -1,9 +1,9 @@
 """Fixtures for tests with a real Linux guest (see docs/test-guest.md).
 
-guest_conn           session: a libvirt connection (qemu:///system)
 guest_image          session: GuestImage(kernel, initrd, ...) built or reused from the cache
 linux_guest_factory  function: start(**start_guest kwargs) -> Guest; all torn down after
 linux_guest          function: one running guest (writer on, agent answering guest-ping)
+(libvirt_conn, the connection, comes from tests/conftest.py.)
 
 Without libvirt or a buildable guest these skip, except under CI=true, where they fail.
 """
@@ -11,40 +11,20 @@ Without libvirt or a buildable guest these skip, except under CI=true, where the
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-_here = str(Path(__file__).resolve().parent)
-if _here not in sys.path:
-    sys.path.insert(0, _here)
-
-import bkguest  # noqa: E402
+from tests.guest import bkguest
 
 
 def unavailable(reason: str) -> None:
     """Skip, or fail under CI=true (CI must run these tests, not silently skip them)."""
-    if os.environ.get("CI") == "true":
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason} (CI=true: not skipping)", pytrace=False)
     pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def guest_conn() -> Iterator[Any]:
-    try:
-        import libvirt
-    except ImportError as e:
-        unavailable(f"libvirt-python is not installed: {e}")
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        conn = libvirt.open(bkguest.URI)
-    except libvirt.libvirtError as e:
-        unavailable(f"cannot connect to {bkguest.URI}: {e}")
-    yield conn
-    conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +45,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture
 def linux_guest_factory(
-    request: pytest.FixtureRequest, guest_conn: Any, guest_image: bkguest.GuestImage,
+    request: pytest.FixtureRequest, libvirt_conn: Any, guest_image: bkguest.GuestImage,
     tmp_path: Path,
 ) -> Iterator[Callable[..., bkguest.Guest]]:
     """start(**kw) -> Guest, kw as bkguest.start_guest (name, data_disk, writer, agent,
@@ -76,14 +56,14 @@ def linux_guest_factory(
     def start(**kw: Any) -> bkguest.Guest:
         name = kw.pop("name", None) or bkguest.new_name()
         started.append((name, tmp_path))
-        return bkguest.start_guest(guest_conn, guest_image, tmp_path, name=name, **kw)
+        return bkguest.start_guest(libvirt_conn, guest_image, tmp_path, name=name, **kw)
 
     yield start
 
     rep = getattr(request.node, "bkguest_rep_call", None)
     failed = rep is None or rep.failed
     for name, _ in started:
-        bkguest.destroy_domain(guest_conn, name)
+        bkguest.destroy_domain(libvirt_conn, name)
         console = tmp_path / f"{name}-console.log"
         if failed and console.exists():
             print(f"--- console of {name} (last 3000 chars) ---")

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bkguest
 import pytest
+
+from tests.guest import bkguest
 
 pytestmark = [pytest.mark.slow]
 
@@ -60,7 +61,7 @@ def test_guest_boots_and_agent_answers(
 
 @pytest.mark.libvirt
 def test_fsfreeze_thaw_and_frozen_copy_is_clean(
-    linux_guest: bkguest.Guest, guest_conn: Any, guest_image: bkguest.GuestImage,
+    linux_guest: bkguest.Guest, libvirt_conn: Any, guest_image: bkguest.GuestImage,
 ) -> None:
     before = wait_manifest(linux_guest, 5)
     t0 = time.monotonic()
@@ -81,7 +82,7 @@ def test_fsfreeze_thaw_and_frozen_copy_is_clean(
     assert host.ok and host.fsck_clean, host.detail + "\n".join(host.bad)
     assert host.files >= count
     t0 = time.monotonic()
-    ok, console = bkguest.boot_verify(guest_conn, linux_guest.data_disk, 90, mode="strict",
+    ok, console = bkguest.boot_verify(libvirt_conn, linux_guest.data_disk, 90, mode="strict",
                                       image=guest_image)
     print(f"verify boot took {time.monotonic() - t0:.1f}s")
     assert ok, console[-3000:]
@@ -90,7 +91,7 @@ def test_fsfreeze_thaw_and_frozen_copy_is_clean(
 
 @pytest.mark.libvirt
 def test_writer_data_survives_destroy(
-    linux_guest: bkguest.Guest, guest_conn: Any, guest_image: bkguest.GuestImage,
+    linux_guest: bkguest.Guest, libvirt_conn: Any, guest_image: bkguest.GuestImage,
     tmp_path: Path,
 ) -> None:
     count = wait_manifest(linux_guest, 10)
@@ -100,7 +101,7 @@ def test_writer_data_survives_destroy(
     assert host.ok, host.detail + "\n".join(host.bad)
     assert host.files >= count
 
-    ok, console = bkguest.boot_verify(guest_conn, linux_guest.data_disk, 90, mode="replay",
+    ok, console = bkguest.boot_verify(libvirt_conn, linux_guest.data_disk, 90, mode="replay",
                                       image=guest_image)
     assert ok, console[-3000:]
     assert "BKGUEST-VERIFY: PASS" in console
@@ -108,7 +109,7 @@ def test_writer_data_survives_destroy(
 
 @pytest.mark.libvirt
 def test_boot_verify_fails_on_corrupted_file(
-    linux_guest: bkguest.Guest, guest_conn: Any, guest_image: bkguest.GuestImage,
+    linux_guest: bkguest.Guest, libvirt_conn: Any, guest_image: bkguest.GuestImage,
 ) -> None:
     wait_manifest(linux_guest, 3)
     # Overwrite f1 behind the manifest's back, durably.
@@ -117,7 +118,7 @@ def test_boot_verify_fails_on_corrupted_file(
     linux_guest.dom.destroy()
     host = bkguest.check_disk_on_host(linux_guest.data_disk)
     assert not host.ok and any(b.startswith("f1:") for b in host.bad)
-    ok, console = bkguest.boot_verify(guest_conn, linux_guest.data_disk, 90, image=guest_image)
+    ok, console = bkguest.boot_verify(libvirt_conn, linux_guest.data_disk, 90, image=guest_image)
     assert not ok
     assert "BKGUEST-BAD: f1 want" in console
     assert "BKGUEST-VERIFY: FAIL" in console
