@@ -1,0 +1,130 @@
+"""prune: the retention plan on a synthetic calendar (hand-computed), and on a real repository."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from backupkit import errors
+from backupkit.ops.prune import Policy, plan, prune
+from backupkit.ops.restore import restore
+from backupkit.ops.verify import verify
+from backupkit.repo import Manifest, Repository
+from tests.repo.helpers import CHUNK, MiB, make_backup, rand, write_image
+
+# Newest last.  ISO weeks: 2025-12-30 is in 2026-W01; Jan 5-8 W02; Jan 12 W03; Feb 1 W05;
+# Feb 2 W06.  No backup in W04.
+CALENDAR = {
+    1: "2025-12-30T10:00:00Z",
+    2: "2026-01-05T10:00:00Z",
+    3: "2026-01-05T22:00:00Z",
+    4: "2026-01-06T09:00:00Z",
+    5: "2026-01-08T09:00:00Z",
+    6: "2026-01-12T09:00:00Z",
+    7: "2026-02-01T09:00:00Z",
+    8: "2026-02-01T15:00:00Z",
+    9: "2026-02-02T01:00:00Z",
+    10: "2026-02-02T01:30:00Z",
+}
+NOW = datetime(2026, 2, 2, 12, 0, tzinfo=UTC)
+
+
+def manifest(n: int, created: str, domain: str = "vm1") -> Manifest:
+    return Manifest(id=f"b{n:02d}", domain=domain, created=created, mode="full", reason="",
+                    checkpoint=None, parent_checkpoint=None, parent_id=None, started=created,
+                    finished=created, duration_seconds=1.0, quiesced=False,
+                    freeze_seconds=None, domain_xml="", checkpoint_xml=None, disks=[])
+
+
+def run(policy: Policy, domain: str = "vm1") -> dict[int, list[str]]:
+    """{backup number: reasons} of the kept backups."""
+    backups = [manifest(n, c, domain) for n, c in CALENDAR.items()]
+    decisions = plan(list(reversed(backups)), policy, NOW)
+    assert [d.manifest.id for d in decisions] == [m.id for m in backups]  # oldest first
+    return {int(d.manifest.id[1:]): d.reasons for d in decisions if d.keep}
+
+
+UTC_ = UTC
+
+
+@pytest.mark.parametrize("policy, expected", [
+    (Policy(last=2, daily=3, weekly=2, monthly=2, yearly=2, tz=UTC_), {
+        10: ["keep-last", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly"],
+        9: ["keep-last"],
+        8: ["keep-daily", "keep-weekly"],
+        6: ["keep-daily", "keep-monthly"],
+        1: ["keep-yearly"],
+    }),
+    (Policy(hourly=3, tz=UTC_), {10: ["keep-hourly"], 8: ["keep-hourly"],
+                                 7: ["keep-hourly"]}),
+    # Week 4 has no backup and does not count: four weeks reach back to W02.
+    (Policy(weekly=4, tz=UTC_), {10: ["keep-weekly"], 8: ["keep-weekly"],
+                                 6: ["keep-weekly"], 5: ["keep-weekly"]}),
+    (Policy(daily=2, tz=UTC_), {10: ["keep-daily"], 8: ["keep-daily"]}),
+    # The same policy in UTC-5: Feb 2 01:30 UTC is still Feb 1 there.
+    (Policy(daily=2, tz=timezone(timedelta(hours=-5))), {10: ["keep-daily"],
+                                                         6: ["keep-daily"]}),
+    (Policy(monthly=12, tz=UTC_), {10: ["keep-monthly"], 6: ["keep-monthly"],
+                                   1: ["keep-monthly"]}),
+    (Policy(last=30, tz=UTC_), {n: ["keep-last"] for n in CALENDAR}),
+    (Policy(within=timedelta(days=1, hours=2), tz=UTC_),
+     {10: ["keep-within"], 9: ["keep-within"], 8: ["keep-within"]}),
+    # Nothing in the window: the newest backup is kept anyway.
+    (Policy(within=timedelta(minutes=1), tz=UTC_), {10: ["newest"]}),
+])
+def test_plan_calendar(policy: Policy, expected: dict[int, list[str]]) -> None:
+    assert run(policy) == expected
+
+
+def test_plan_per_domain() -> None:
+    backups = [manifest(n, c, "vm1") for n, c in CALENDAR.items()]
+    backups += [manifest(n, c, "vm2") for n, c in list(CALENDAR.items())[:3]]
+    kept = [(d.manifest.domain, d.manifest.id) for d in plan(backups, Policy(last=1), NOW)
+            if d.keep]
+    assert kept == [("vm1", "b10"), ("vm2", "b03")]
+
+
+@pytest.mark.parametrize("policy", [Policy(), Policy(daily=-1), Policy(last=0, weekly=0)])
+def test_policy_needs_a_rule(policy: Policy) -> None:
+    with pytest.raises(errors.UsageError) as e:
+        plan([], policy, NOW)
+    assert e.value.exit_code == 2
+
+
+def test_prune_repository(tmp_path: Path) -> None:
+    repo = Repository.init(str(tmp_path / "repo"), chunk_size=CHUNK)
+    img = write_image(tmp_path / "a.raw", MiB)
+    other = write_image(tmp_path / "b.raw", MiB, [(0, rand(CHUNK, 99))])
+    ids = {}
+    for n, created in CALENDAR.items():
+        write_image(img, MiB, [(n * CHUNK % MiB, rand(CHUNK, n))])
+        ids[n] = make_backup(repo, "vm1", {"vda": img},
+                             now=datetime.fromisoformat(created)).id
+    make_backup(repo, "vm2", {"vda": other})
+    policy = Policy(last=2, daily=3, weekly=2, monthly=2, yearly=2, tz=UTC)
+
+    dry = prune(repo, "vm1", policy, dry_run=True, now=NOW)
+    assert dry["dry_run"] and dry["removed"] == 5 and dry["kept"] == 5
+    assert len(repo.list_backups()) == 11
+    assert {d["id"]: d["action"] for d in dry["decisions"]}[ids[7]] == "remove"
+
+    res = prune(repo, "vm1", policy, now=NOW)
+    assert res == {**dry, "dry_run": False}
+    kept = {ids[n] for n in (10, 9, 8, 6, 1)}
+    assert {m.id for m in repo.list_backups("vm1")} == kept
+    assert len(repo.list_backups("vm2")) == 1
+    # Only manifests and indexes went: the backup directories are gone, chunks stay for gc.
+    assert set(os.listdir(Path(repo.path, "backups", "vm1"))) == kept
+    for n in (10, 1):
+        verify(repo, "vm1", ids[n], data=True)
+        restore(repo, "vm1", ids[n], str(tmp_path / f"out{n}"), fmt="raw")
+
+    # All domains at once; a domain locked by a running backup is skipped, not waited on.
+    with repo.lock_domain("vm2"), pytest.raises(errors.Partial) as e:
+        prune(repo, None, Policy(last=1), now=NOW)
+    assert e.value.exit_code == 6
+    assert [s["domain"] for s in e.value.result["skipped"]] == ["vm2"]  # type: ignore[attr-defined]
+    assert [m.id for m in repo.list_backups("vm1")] == [ids[10]]
