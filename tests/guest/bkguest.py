@@ -435,15 +435,16 @@ def _probe_kvm(conn: Any, image: GuestImage, timeout: float = 20.0) -> bool:
 
 def domain_xml(name: str, image: GuestImage, data_disk: Path | None, console_log: Path, *,
                virt_type: str = "qemu", cmdline: str = "", memory_mib: int = 256,
-               agent: bool = True, disk_format: str = "qcow2") -> str:
+               agent: bool = True, disk_format: str = "qcow2", readonly: bool = False) -> str:
     disk = ""
     if data_disk is not None:
+        ro = "\n      <readonly/>" if readonly else ""
         disk = f"""
     <disk type='file' device='disk'>
       <driver name='qemu' type='{disk_format}'/>
       <source file='{escape(str(data_disk))}'/>
       <target dev='vda' bus='virtio'/>
-      <serial>data</serial>
+      <serial>data</serial>{ro}
     </disk>"""
     channel = ""
     if agent:
@@ -656,8 +657,8 @@ def boot_verify(conn: Any, disk_path: str | Path, timeout: float = 120.0, *,
     mode "strict": `e2fsck -n -f` must be clean before anything mounts the filesystem
     (what a quiesced backup must give); "replay": mount first so the journal is
     replayed (a crash-consistent copy).  Then every file in /data/MANIFEST must have
-    its checksum.  Returns (passed, console text).  The disk is opened read-write
-    (replay writes) and the domain is always destroyed.
+    its checksum.  Returns (passed, console text).  strict attaches the disk read-only;
+    replay writes to it (the journal replay).  The domain is always destroyed.
     """
     if mode not in ("strict", "replay"):
         raise ValueError(f"mode must be strict or replay, not {mode!r}")
@@ -675,7 +676,7 @@ def boot_verify(conn: Any, disk_path: str | Path, timeout: float = 120.0, *,
         verify = "1" if mode == "strict" else "replay"
         xml = domain_xml(name, image, disk_path, console, virt_type=choose_virt_type(conn, image),
                          cmdline=f"writer=0 agent=0 verify={verify}", agent=False,
-                         disk_format=disk_format)
+                         disk_format=disk_format, readonly=mode == "strict")
         dom = conn.createXML(xml, 0)
         try:
             text = _wait_console(console, "BKGUEST-VERIFY:", timeout, dom)
