@@ -25,7 +25,10 @@ LOCK_DIR = "locks"
 
 
 def _describe_self() -> str:
-    argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not prog or prog.startswith("-"):
+        prog = f"python {prog}".strip()
+    argv = [prog, *sys.argv[1:]]
     cmd = " ".join(argv)
     if len(cmd) > 200:
         cmd = cmd[:197] + "..."

@@ -56,7 +56,10 @@ class Storage(Protocol):
     def size(self, key: str) -> int: ...
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under prefix ("" or "dir/.../"), tmp files excluded."""
+        """Every object under prefix ("" or "dir/.../"), tmp files excluded.
+
+        A symlink or special file under prefix raises CorruptRepository (never skipped).
+        """
         ...
 
     def leftovers(self, prefix: str = "") -> Iterator[ObjectInfo]:

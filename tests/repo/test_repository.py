@@ -210,3 +210,26 @@ def test_bad_names_rejected(repo: Repository, name: str) -> None:
             call()
         assert e.value.exit_code == 2
     assert not os.path.exists(os.path.join(repo.path, "backups", "x"))
+
+
+def test_inspect_list_and_show(repo: Repository, tmp_path: Path) -> None:
+    from backupkit.ops import inspect
+
+    img = write_image(tmp_path / "a.raw", MiB, [(0, rand(3 * CHUNK, 1))])
+    m1 = make_backup(repo, "vm1", {"vda": img, "vdb": img}, now=at(2026, 1, 1))
+    m2 = make_backup(repo, "vm2", {"vda": img}, now=at(2026, 1, 2))
+    doc = inspect.list_backups(repo, None)
+    json.dumps(doc)
+    assert [(b["domain"], b["id"]) for b in doc["backups"]] == [("vm1", m1.id), ("vm2", m2.id)]
+    first = doc["backups"][0]
+    assert first["disks"] == ["vda", "vdb"]
+    assert first["logical_size"] == 2 * MiB
+    assert first["stored_size"] == m1.stored_size > 0
+    assert first["mode"] == "full" and first["created"] == "2026-01-01T12:00:00Z"
+    assert inspect.list_backups(repo, "vm2")["backups"][0]["id"] == m2.id
+    shown = inspect.show(repo, "vm1", "latest")
+    json.dumps(shown)
+    assert shown["id"] == m1.id and shown["version"] == 1
+    assert shown["disks"][1]["name"] == "vdb" and shown["logical_size"] == 2 * MiB
+    with pytest.raises(errors.NotFound):
+        inspect.show(repo, "vm3", "latest")
