@@ -214,13 +214,13 @@ def _build_kernel(dest: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "modules").mkdir(parents=True)
     (tmp / "vmlinux").write_bytes(_decompress_vmlinuz(files[vmlinuz[0]]))
-    (tmp / "vmlinuz").write_bytes(files[vmlinuz[0]])
     for name in order:
         (tmp / "modules" / f"{name}.ko").write_bytes(mods[name])
     (tmp / "modules" / "load-order").write_text("\n".join(order) + "\n")
     (tmp / "version").write_text(version + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+    deb.unlink()  # 70 MB, no longer needed: everything used is in dest
     log(f"kernel {version}, modules: {' '.join(order)}")
     return version
 
