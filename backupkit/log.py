@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -34,7 +35,7 @@ def priority(levelno: int) -> int:
     return 7
 
 
-def under_journal(stream: object = None) -> bool:
+def under_journal(stream: TextIO | None = None) -> bool:
     """True when STREAM (default stderr) is the journal stream systemd connected."""
     value = os.environ.get("JOURNAL_STREAM", "")
     dev, sep, ino = value.partition(":")
@@ -42,7 +43,7 @@ def under_journal(stream: object = None) -> bool:
         return False
     stream = sys.stderr if stream is None else stream
     try:
-        st = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+        st = os.fstat(stream.fileno())
         return (st.st_dev, st.st_ino) == (int(dev), int(ino))
     except (AttributeError, OSError, ValueError):
         return False
