@@ -70,10 +70,7 @@ class Decision:
 
 
 def _created(m: Manifest) -> datetime:
-    t = datetime.fromisoformat(m.created)
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)
-    return t
+    return m.created_at
 
 
 def _period(rule: str, tz: tzinfo | None) -> Callable[[Manifest], Hashable]:

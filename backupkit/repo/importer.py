@@ -17,7 +17,10 @@ from backupkit.repo.repository import Repository
 
 
 def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t = t.astimezone(UTC)
+    if t.microsecond:
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def import_raw_images(repo: Repository, domain: str, disks: Mapping[str, str], *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from backupkit.errors import CorruptRepository, UnsupportedFormat
@@ -47,6 +48,15 @@ class Manifest:
     checkpoint_xml: str | None
     disks: list[DiskRecord] = field(default_factory=list)
     version: int = MANIFEST_VERSION
+
+    @property
+    def created_at(self) -> datetime:
+        """created as an aware datetime (UTC when the string has no offset)."""
+        t = datetime.fromisoformat(self.created)
+        return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+    def sort_key(self) -> tuple[datetime, str]:
+        return (self.created_at, self.id)
 
     @property
     def logical_size(self) -> int:
@@ -145,6 +155,11 @@ def _parse(doc: Any) -> Manifest:
         raise _Newer(version)
     values = {name: _check(doc, name, types, nullable, "")
               for name, (types, nullable) in _MANIFEST_FIELDS.items()}
+    for name in ("created", "started", "finished"):
+        try:
+            datetime.fromisoformat(values[name])
+        except ValueError as e:
+            raise ManifestFormatError(f"field {name!r} is not an ISO 8601 time") from e
     if values["mode"] not in ("full", "incremental"):
         raise ManifestFormatError(f"bad mode {values['mode']!r}")
     disks_doc = doc.get("disks")

@@ -367,7 +367,7 @@ class Repository:
             if isinstance(m, RepositoryError):
                 raise m
             result.append(m)
-        result.sort(key=lambda m: (m.created, m.id))
+        result.sort(key=Manifest.sort_key)
         return result
 
     def get_manifest(self, domain: str, backup: str) -> Manifest:

@@ -98,6 +98,8 @@ def manifest_path(repo: Repository, m: Manifest) -> Path:
      "disks"),
     (lambda raw, doc: json.dumps({**doc, "created": 5}).encode(), errors.CorruptRepository,
      "created"),
+    (lambda raw, doc: json.dumps({**doc, "created": "yesterday"}).encode(),
+     errors.CorruptRepository, "ISO 8601"),
     (lambda raw, doc: json.dumps({**doc, "quiesced": 1}).encode(), errors.CorruptRepository,
      "quiesced"),
     (lambda raw, doc: json.dumps({**doc, "id": "other"}).encode(), errors.CorruptRepository,
