@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backupkit import qemu
+from backupkit import faults, qemu
 from backupkit.errors import (
     Error,
     InvalidName,
@@ -403,6 +403,7 @@ class _Backup:
                 created = True
             if self.hooks.job_started:
                 self.hooks.job_started()
+            faults.point("before_first_chunk")
             stored_cp_xml = self.dom.checkpoint_xml(checkpoint)
             records = []
             for d in disks:
@@ -411,9 +412,11 @@ class _Backup:
                     records.append(self._copy(client, d, plan, backup_id))
             manifest = self._manifest(plan, backup_id, checkpoint, stored_cp_xml, records,
                                       domain_xml, freeze, quiesced)
+            faults.point("after_index")
             if self.hooks.before_commit:
                 self.hooks.before_commit()
             self.repo.commit(manifest)
+            faults.point("after_manifest")
         except BaseException:
             with contextlib.suppress(Error):
                 self.dom.abort_job()
@@ -444,6 +447,7 @@ class _Backup:
                     added.append(d)
             if self.hooks.job_started:
                 self.hooks.job_started()
+            faults.point("before_first_chunk")
             records = []
             for d in disks:
                 mode = plan.disk_modes[d.target][0]
@@ -454,6 +458,7 @@ class _Backup:
                     records.append(self._copy(client, d, plan, backup_id))
             manifest = self._manifest(plan, backup_id, checkpoint, cp_xml, records,
                                       domain_xml, None, False)
+            faults.point("after_index")
             if self.hooks.before_commit:
                 self.hooks.before_commit()
             self.repo.commit(manifest)
@@ -462,6 +467,7 @@ class _Backup:
                 with contextlib.suppress(Error):
                     qemu.bitmap_remove(d.path, checkpoint)
             raise
+        faults.point("after_manifest")
         # Committed: tell libvirt about the checkpoint (metadata only for a shut-off domain).
         try:
             self.dom.redefine_checkpoint(cp_xml)

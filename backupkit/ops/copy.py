@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from backupkit import faults
 from backupkit.nbd import Client, Extent
 from backupkit.repo import Index, Repository
 
@@ -94,6 +95,7 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     extents = client.extents()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk") as pool:
         pending: list[Future[None]] = []
+        submitted = 0
         for slot, segs in slot_segments(extents, cs, dirty_only=incremental):
             if errors:
                 break
@@ -118,6 +120,11 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
                     client.readinto(s.start, view[off:off + s.length])
                     result.read_bytes += s.length
             pending.append(pool.submit(store, slot, buf, length))
+            submitted += 1
+            if submitted == 2 and faults.armed("mid_data"):
+                for f in pending:
+                    f.result()
+                faults.point("mid_data")
             if progress:
                 progress(length)
             if len(pending) > workers * 4:

@@ -1,0 +1,228 @@
+"""Fault-injection rig: real CLI runs against real domains, and the three checks.
+
+Every fault test ends with the same three questions (docs/reliability.md):
+
+1. ``survivors``: every backup complete before the fault verifies with
+   ``verify --data`` and restores equal to its reference;
+2. ``next_run``: the next backup succeeds without manual repair, in the mode we
+   expect, and restores equal to the disk as it was;
+3. ``nothing_left``: no lock held, no libvirt backup job, no stale checkpoint,
+   no scratch file, and ``gc`` leaves nothing an interrupted run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import rig
+from tests.conftest import IN_CI, run_cli
+
+MiB = rig.MiB
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def libvirt_conn() -> Iterator[object]:
+    """A connection per test: one test restarts libvirtd, which kills every open one."""
+    try:
+        import libvirt
+    except ImportError as e:
+        if IN_CI:
+            pytest.fail(f"libvirt is required in CI: {e}", pytrace=False)
+        pytest.skip(f"libvirt not available: {e}")
+    try:
+        conn = libvirt.open(rig.URI)
+    except libvirt.libvirtError as e:
+        if IN_CI:
+            pytest.fail(f"libvirt is required in CI: {e}", pytrace=False)
+        pytest.skip(f"libvirt not available: {e}")
+    yield conn
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
+
+
+def qemu_pid(name: str) -> int:
+    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+
+
+def write_random(td: rig.TestDomain, target: str, offset: int, length: int, seed: int,
+                 tmp: Path) -> None:
+    """Write incompressible data into a disk (guest write or cold), mirrored to the reference."""
+    data = b"".join(hashlib.sha256(f"{seed}-{i}".encode()).digest()
+                    for i in range((length + 31) // 32))[:length]
+    src = tmp / f"rand-{seed}"
+    src.write_bytes(data)
+    disk = td.disk(target)
+    cmd = f"write -s {src} {offset} {length}"
+    if td.dom.isActive():
+        import libvirt_qemu
+
+        index = ord(target[-1]) - ord("a")
+        hmp = f'qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend "{cmd}"'
+        out = libvirt_qemu.qemuMonitorCommand(
+            td.dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        assert "error" not in out.lower() and "fail" not in out.lower(), out
+    else:
+        subprocess.run(["qemu-io", "-f", disk.format, "-c", cmd, str(disk.path)],
+                       check=True, capture_output=True)
+    with open(disk.reference, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    src.unlink()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under root (locks excluded) -> sha256; symlinks by their target."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for n in sorted(filenames + [d for d in dirnames
+                                     if os.path.islink(os.path.join(dirpath, d))]):
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            if rel.startswith("locks"):
+                continue
+            if os.path.islink(p):
+                out[rel] = "link:" + os.readlink(p)
+            else:
+                out[rel] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+def one_line_error(cp: subprocess.CompletedProcess[str]) -> str:
+    """The error a failed command printed: exactly one line, no traceback."""
+    assert "Traceback" not in cp.stderr, cp.stderr
+    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, cp.stderr
+    return lines[0]
+
+
+@dataclass
+class Bk:
+    """One repository, one scratch dir, one config; runs the real CLI."""
+
+    tmp: Path
+    repo: Path
+    scratch: Path
+    config: Path
+    refs: dict[str, dict[str, Path]] = field(default_factory=dict)  # backup id -> disk -> ref
+
+    def args(self) -> list[str]:
+        return ["--config", str(self.config), "--repo", str(self.repo)]
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return run_cli(*self.args(), *args, env=env, timeout=timeout)
+
+    def json(self, *args: str, rc: int = 0, env: dict[str, str] | None = None) -> Any:
+        cp = self.run("--json", *args, env=env)
+        assert cp.returncode == rc, f"{args}: exit {cp.returncode}: {cp.stderr}"
+        return json.loads(cp.stdout)
+
+    def backup(self, td: rig.TestDomain, *extra: str) -> dict[str, Any]:
+        """A backup that must succeed; remembers the reference for later restores."""
+        refs = {d.target: d.snapshot_reference(self.tmp / f"ref-{len(self.refs)}-{d.target}")
+                for d in td.disks}
+        res = self.json("backup", td.name, *extra)
+        self.refs[res["id"]] = refs
+        return dict(res)
+
+    def spawn(self, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+        full = {k: v for k, v in os.environ.items()
+                if k not in ("BACKUPKIT_CONFIG", "BACKUPKIT_REPO", "JOURNAL_STREAM")}
+        full.update(env)
+        return subprocess.Popen([sys.executable, "-m", "backupkit", *self.args(), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=full)
+
+    def killed_at(self, point: str, *args: str) -> None:
+        """Run the CLI with a fault point; it must die of SIGKILL there."""
+        cp = self.run(*args, env={"BACKUPKIT_FAULT_POINT": point})
+        assert cp.returncode == -signal.SIGKILL, \
+            f"expected SIGKILL at {point}, got exit {cp.returncode}: {cp.stderr}"
+
+    def stopped_at(self, point: str, *args: str) -> subprocess.Popen[str]:
+        """Start the CLI and wait until it has stopped itself at a fault point."""
+        p = self.spawn(*args, env={"BACKUPKIT_FAULT_POINT": point,
+                                   "BACKUPKIT_FAULT_ACTION": "stop"})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                _out, err = p.communicate()
+                raise AssertionError(f"exited {p.returncode} before {point}: {err}")
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{p.pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] == "T":
+                    return p
+            time.sleep(0.02)
+        p.kill()
+        raise AssertionError(f"never reached {point}")
+
+    # -- the three checks ---------------------------------------------------
+
+    def survivors(self, td: rig.TestDomain) -> None:
+        """(1) every committed backup verifies with --data and restores equal to its reference."""
+        listed = [b["id"] for b in self.json("list", td.name)["backups"]]
+        assert sorted(listed) == sorted(self.refs), "a backup appeared or vanished"
+        self.json("verify", "--data")
+        for bid, refs in self.refs.items():
+            target = self.tmp / f"restore-{bid}"
+            self.json("restore", td.name, bid, "--target", str(target), "--format", "raw")
+            for disk, ref in refs.items():
+                rig.compare(ref, target / f"{disk}.raw", "raw")
+            subprocess.run(["rm", "-rf", str(target)], check=True)
+
+    def nothing_left(self, td: rig.TestDomain, conn: Any) -> None:
+        """(3) no lock, no job, no stale checkpoint, no scratch file; gc removes the rest."""
+        from backupkit import virt
+
+        dom = virt.connect(rig.URI).domain(td.name)
+        assert not dom.backup_job_active(), "a libvirt backup job is still running"
+        latest = self.json("show", td.name, "latest")
+        cps = [c.name for c in dom.checkpoints()]
+        assert cps == [latest["checkpoint"]], f"checkpoints {cps}, latest {latest['checkpoint']}"
+        for d in td.disks:
+            if d.format == "qcow2" and not td.dom.isActive():
+                assert list(rig.bitmaps(d.path)) == [latest["checkpoint"]]
+        assert sorted(os.listdir(self.scratch)) == [], os.listdir(self.scratch)
+        for name in os.listdir(self.repo / "locks"):
+            fd = os.open(self.repo / "locks" / name, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AssertionError(f"lock {name} is still held") from None
+            finally:
+                os.close(fd)
+        self.json("gc")
+        again = self.json("gc", "--dry-run")
+        assert again["bytes_freed"] == 0 and again["chunks_removed"] == 0, again
+        assert not [p for p in self.repo.rglob(".tmp-*")]
+
+
+@pytest.fixture
+def bk(tmp_path: Path) -> Bk:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cfg = tmp_path / "backupkit.toml"
+    cfg.write_text(f'scratch_dir = "{scratch}"\n')
+    b = Bk(tmp_path, tmp_path / "repo", scratch, cfg)
+    cp = b.run("init", "--chunk-size", str(CHUNK))
+    assert cp.returncode == 0, cp.stderr
+    return b
+
+
+MakeDomain = Callable[..., rig.TestDomain]
