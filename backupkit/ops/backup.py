@@ -229,6 +229,18 @@ class _Backup:
                 log.warning("%s: deleting stale checkpoint %s (no committed backup uses it)",
                             self.req.domain, cp.name)
                 delete_checkpoint(self.dom, cp.name, running)
+        if not running:
+            # A run killed between ``qemu-img bitmap --add`` and the commit leaves a
+            # bitmap that libvirt never heard of: remove it too, or it records forever.
+            known = {cp.name for cp in self.dom.checkpoints()}
+            for d in self.dom.disks():
+                if not d.can_bitmap:
+                    continue
+                for b in qemu.info(d.path, force_share=False).bitmaps:
+                    if b.name.startswith(PREFIX) and b.name != keep and b.name not in known:
+                        log.warning("%s: removing stale bitmap %s from %s (no committed "
+                                    "backup uses it)", self.req.domain, b.name, d.path)
+                        qemu.bitmap_remove(d.path, b.name)
 
     # -- mode -------------------------------------------------------------------
 
