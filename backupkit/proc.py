@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shlex
+import signal
 import subprocess
 from collections.abc import Sequence
 from types import TracebackType
@@ -43,6 +45,14 @@ def run(
     return cp.stdout
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies, even of SIGKILL (Linux prctl)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 class Process:
     """A long-running child: a context manager that terminates, then kills it."""
 
@@ -56,7 +66,7 @@ class Process:
         try:
             self.proc = subprocess.Popen(
                 self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
             )
         except FileNotFoundError as e:
             raise NotFound("program", self.cmd[0], "is it installed?") from e
