@@ -454,3 +454,44 @@ def verify(expected: dict[str, dict[str, qemu.Bitmap]],
         names = ", ".join(sorted({f"{d['name']} ({d['kind']})" for d in damage}))
         raise BitmapLost(f"bitmaps damaged: {names}", report=doc)
     return infos
+
+
+# ---------------------------------------------------------------------------
+# Space a qcow2 needs to store its bitmaps (pure)
+# ---------------------------------------------------------------------------
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def bitmaps_store_size(virtual_size: int, cluster_size: int,
+                       bitmaps: Sequence[tuple[str, int, int]]) -> int:
+    """Bytes QEMU must allocate to store ``bitmaps`` [(name, granularity, dirty count)].
+
+    When QEMU closes an image it had open read-write, it writes every
+    persistent bitmap anew (new data clusters and a new bitmap table) before
+    it frees the old ones, then rewrites the bitmap directory.  Per bitmap:
+    ceil(virtual_size / granularity / 8) bytes of data rounded up to clusters
+    plus its table (8 bytes per data cluster, rounded up to clusters), plus
+    the directory (24 bytes + name, 8-aligned, per bitmap, rounded up to
+    clusters) and a margin of two clusters for refcount blocks.  Data clusters
+    are counted even for empty bitmaps (dirty count 0): measured, 32 empty
+    bitmaps of a 1 GiB image take two clusters each, and with that the
+    estimate matches HOST-FACTS' window on a 128 MiB volume (118 MiB merged:
+    kept, 120 MiB: lost).  The dirty count is accepted for later refinement.
+    """
+    if not bitmaps:
+        return 0
+    total = 0
+    directory = 0
+    for name, granularity, count in bitmaps:
+        bits = -(-virtual_size // granularity)
+        data = -(-bits // 8)
+        data_clusters = -(-data // cluster_size)
+        table = _round_up(data_clusters * 8, cluster_size)
+        del count
+        total += table + data_clusters * cluster_size
+        directory += _round_up(24 + len(name.encode()), 8)
+    total += _round_up(directory, cluster_size)
+    return total + 2 * cluster_size
