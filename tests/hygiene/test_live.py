@@ -240,3 +240,39 @@ def test_check_fix_on_domain(
     b2 = do_backup(repo, conn, td, scratch_dir)
     assert b2["mode"] == "incremental", b2["reason"]
     restore_compare(repo, td, b2["id"], ref, tmp_path)
+
+
+def test_live_base_too_small_bitmaps_really_lost_at_restart(
+        make_domain: Callable[..., rig.TestDomain], loop_volume: Callable[[int], str],
+        repo: Repository, repo_path: Path, conn: virt.Connection, scratch_dir: Path,
+        tmp_path: Path) -> None:
+    """The space check predicts a real loss: a dry run keeps the checkpoint, QEMU restarts
+    and the bitmap is gone; post-merge then deletes the checkpoint (bitmap missing)."""
+    td = make_domain([("qcow2", 1 * GiB)], running=False)
+    base = loop_volume(128 * MiB)
+    top = over_base(td, base, stale=32, size=1 * GiB)
+    td.start()
+    cp = do_backup(repo, conn, td, scratch_dir)["checkpoint"]
+    td.write("vda", 0, 120 * MiB, 0x55)
+    blockcommit(td, base)
+    with pytest.raises(BitmapLost) as e:
+        hygiene.post_merge(top, base, domain=td.name, disk="vda", connect=rig.URI,
+                           dry_run=True)
+    assert not e.value.report["space"]["fits"]
+    assert [c.name for c in conn.domain(td.name).checkpoints()] == [cp]  # dry run
+
+    td.stop()   # QEMU closes BASE: the bitmaps cannot be written
+    on_disk = bitmaps(base)
+    assert cp not in on_disk or "in-use" in on_disk[cp]["flags"], on_disk
+    td.start()
+    with pytest.raises(BitmapLost) as e:
+        hygiene.post_merge(top, base, domain=td.name, disk="vda", connect=rig.URI,
+                           repo=str(repo_path))
+    lost = e.value.report["deleted_checkpoints"]
+    assert [d["checkpoint"] for d in lost] == [cp], lost
+    td.write("vda", 300 * MiB, 1 * MiB, 0x77)
+    b2 = do_backup(repo, conn, td, scratch_dir)
+    assert b2["mode"] == "full" and cp in b2["reason"], b2["reason"]
+    # check --fix cleans what the lost close left behind (in-use stale copies).
+    hygiene.check(domain=td.name, fix=True, connect=rig.URI, repo=str(repo_path))
+    hygiene.check(domain=td.name, connect=rig.URI, repo=str(repo_path))
