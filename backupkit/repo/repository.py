@@ -185,8 +185,8 @@ class Repository:
     def put_chunk(self, data: Buffer) -> tuple[bytes | None, int]:
         """Store one chunk: (its sha256, compressed bytes newly written); (None, 0) for zeros.
 
-        Thread-safe.  The chunk is durable when this returns; its name is made
-        durable by the next write_index/commit (see docs/format.md).
+        Thread-safe.  The chunk is published (made durable, then given its name)
+        in batches, at the latest by the next write_index/commit (docs/format.md).
         """
         n = memoryview(data).nbytes
         if not 0 < n <= self.chunk_size:
@@ -202,7 +202,7 @@ class Repository:
             parts: list[Buffer] = [_CODEC_ZSTD_B, comp]
         else:
             parts = [_CODEC_NONE_B, data]
-        written = self.storage.put_if_absent(key, parts)
+        written = self.storage.put_if_absent(key, parts, deferred=True)
         return digest, (1 + len(parts[1]) if written else 0)
 
     def has_chunk(self, digest: bytes) -> bool:

@@ -6,7 +6,10 @@ create-if-absent, whole-object get with a size cap, atomic replace, list by
 prefix with sizes, delete.  Durability: ``put_if_absent`` makes the object's
 content durable before it appears under its key; ``flush`` makes every key
 created so far durable (local: fsync of the directories that changed);
-``replace`` is fully durable when it returns.
+``replace`` is fully durable when it returns.  ``put_if_absent(deferred=True)``
+(used for chunks) writes a tmp file without fsync and publishes it at the next
+``flush``: one syncfs(2) for the whole batch, then the links, instead of one
+fsync (and journal commit) per chunk.
 
 LocalStorage never follows a symlink inside the root: every path component is
 opened relative to its parent's descriptor with O_NOFOLLOW.  A symlink or a
@@ -16,13 +19,14 @@ non-regular file where an object should be raises CorruptRepository.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
 import stat
 import threading
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed
 
@@ -39,8 +43,14 @@ class ObjectInfo(NamedTuple):
 
 
 class Storage(Protocol):
-    def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
-        """Store data under key unless key exists; True if it was written."""
+    def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer], *,
+                      deferred: bool = False) -> bool:
+        """Store data under key unless key exists; True if it was written.
+
+        deferred=True lets the store batch durability: the object may appear
+        under its key only at the next flush() (exists() sees it at once in
+        this process).  It never appears before its content is durable.
+        """
         ...
 
     def get(self, key: str, max_size: int) -> bytes:
@@ -75,8 +85,23 @@ class Storage(Protocol):
         ...
 
     def flush(self) -> None:
-        """Make every key created or deleted so far durable."""
+        """Publish deferred objects and make every key created or deleted so far durable."""
         ...
+
+
+_libc_syncfs: Any = None
+with contextlib.suppress(OSError, AttributeError):  # not glibc/Linux: os.sync()
+    _libc_syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): write back and commit everything on fd's filesystem (os.sync() without it)."""
+    if _libc_syncfs is None:  # pragma: no cover
+        os.sync()
+        return
+    if _libc_syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _split(key: str) -> list[str]:
@@ -103,10 +128,17 @@ def _write_all(fd: int, bufs: Sequence[Buffer]) -> None:
 class LocalStorage:
     """Storage in a local directory (see the module docstring)."""
 
+    #: publish deferred objects once this many bytes are waiting
+    flush_bytes = 256 * 1024 * 1024
+
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        # key -> (directory parts, tmp name, size) of deferred objects not yet published
+        self._pending: dict[str, tuple[Sequence[str], str, int]] = {}
+        self._pending_bytes = 0
 
     # -- directory walking -------------------------------------------------
 
@@ -153,7 +185,8 @@ class LocalStorage:
     def _tmp_name(self) -> str:
         return f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
 
-    def _write_tmp(self, dfd: int, key: str, data: Buffer | Sequence[Buffer]) -> str:
+    def _write_tmp(self, dfd: int, key: str, data: Buffer | Sequence[Buffer],
+                   sync: bool = True) -> str:
         bufs: Sequence[Buffer] = (
             [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
         tmp = self._tmp_name()
@@ -164,7 +197,8 @@ class LocalStorage:
         try:
             try:
                 _write_all(fd, bufs)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except BaseException as e:
@@ -178,14 +212,35 @@ class LocalStorage:
 
     # -- the interface -------------------------------------------------------
 
-    def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
+    def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer], *,
+                      deferred: bool = False) -> bool:
         parts = _split(key)
+        with self._lock:
+            if key in self._pending:
+                return False
         dfd = self._open_dir(parts[:-1], create=True)
         name = parts[-1]
         try:
             if self._stat_regular(dfd, name, key) is not None:
                 return False
-            tmp = self._write_tmp(dfd, key, data)
+            tmp = self._write_tmp(dfd, key, data, sync=not deferred)
+            if deferred:
+                size = sum(memoryview(b).nbytes for b in (
+                    [data] if isinstance(data, (bytes, bytearray, memoryview)) else data))
+                with self._lock:
+                    if key in self._pending:
+                        raced = True
+                    else:
+                        raced = False
+                        self._pending[key] = (parts[:-1], tmp, size)
+                        self._pending_bytes += size
+                    full = self._pending_bytes >= self.flush_bytes
+                if raced:
+                    os.unlink(tmp, dir_fd=dfd)
+                    return False
+                if full:
+                    self.flush()
+                return True
             try:
                 os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
             except FileExistsError:
@@ -209,6 +264,10 @@ class LocalStorage:
         return st
 
     def _open_file(self, key: str) -> int:
+        with self._lock:
+            waiting = key in self._pending
+        if waiting:
+            self.flush()
         parts = _split(key)
         try:
             dfd = self._open_dir(parts[:-1], create=False)
@@ -261,6 +320,9 @@ class LocalStorage:
             os.close(fd)
 
     def exists(self, key: str) -> bool:
+        with self._lock:
+            if key in self._pending:
+                return True
         parts = _split(key)
         try:
             dfd = self._open_dir(parts[:-1], create=False)
@@ -272,6 +334,9 @@ class LocalStorage:
             os.close(dfd)
 
     def size(self, key: str) -> int:
+        with self._lock:
+            if key in self._pending:
+                return self._pending[key][2]
         parts = _split(key)
         try:
             dfd = self._open_dir(parts[:-1], create=False)
@@ -373,9 +438,44 @@ class LocalStorage:
         self.flush()
 
     def flush(self) -> None:
+        with self._flush_lock:
+            self._publish()
+            with self._lock:
+                dirty = sorted(self._dirty, key=len, reverse=True)
+                self._dirty.clear()
+            self._sync_dirs(dirty)
+
+    def _publish(self) -> None:
+        """Make the deferred tmp files durable in one syncfs, then link them to their keys."""
         with self._lock:
-            dirty = sorted(self._dirty, key=len, reverse=True)
-            self._dirty.clear()
+            pending = dict(self._pending)
+        if not pending:
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left on the repository's filesystem ({self.root}) "
+                              "while writing chunks") from e
+            raise
+        finally:
+            os.close(fd)
+        for key, (dirparts, tmp, _size) in pending.items():
+            dfd = self._open_dir(dirparts, create=False)
+            try:
+                with contextlib.suppress(FileExistsError):  # same content, stored meanwhile
+                    os.link(tmp, key.rsplit("/", 1)[-1], src_dir_fd=dfd, dst_dir_fd=dfd,
+                            follow_symlinks=False)
+                os.unlink(tmp, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+            self._mark_dirty("/".join(dirparts))
+            with self._lock:
+                self._pending.pop(key, None)
+                self._pending_bytes -= _size
+
+    def _sync_dirs(self, dirty: Sequence[str]) -> None:
         for dirkey in dirty:
             try:
                 dfd = self._open_dir(_split(dirkey) if dirkey else [], create=False)

@@ -93,12 +93,27 @@ def test_put_chunk_threads(repo: Repository) -> None:
     assert sum(1 for _d, w in results if w) == 8
     for i in range(8):
         assert repo.get_chunk(hashlib.sha256(rand(CHUNK, i)).digest()) == rand(CHUNK, i)
+    repo.storage.flush()
     assert not list(repo.storage.leftovers())
+    assert sum(1 for _ in repo.storage.list("chunks/")) == 8
+
+
+def test_deferred_chunks_published_by_flush(repo: Repository) -> None:
+    d, written = repo.put_chunk(rand(CHUNK, 9))
+    assert d is not None and written
+    path = Path(repo.path, chunk_key(d))
+    assert not path.exists()  # not yet durable: not yet named
+    assert len(list(repo.storage.leftovers())) == 1
+    assert repo.has_chunk(d) and repo.put_chunk(rand(CHUNK, 9)) == (d, 0)
+    repo.write_index("vm1", "id1", "vda", Index(CHUNK, CHUNK, [d]))  # publishes first
+    assert path.exists() and not list(repo.storage.leftovers())
+    assert repo.get_chunk(d) == rand(CHUNK, 9)
 
 
 def test_get_chunk_damage(repo: Repository) -> None:
     d, _ = repo.put_chunk(text(CHUNK))
     assert d is not None
+    repo.storage.flush()
     path = Path(repo.path, chunk_key(d))
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
@@ -116,6 +131,7 @@ def test_flipped_byte_in_stored_chunk_detected(repo: Repository) -> None:
     data = rand(CHUNK, 3)  # stored uncompressed: decoding succeeds, the hash check fails
     d, _ = repo.put_chunk(data)
     assert d is not None
+    repo.storage.flush()
     path = Path(repo.path, chunk_key(d))
     raw = bytearray(path.read_bytes())
     raw[100] ^= 1
