@@ -27,6 +27,7 @@ from backupkit import qemu
 from backupkit.errors import CorruptRepository, NotFound, UsageError
 from backupkit.nbd import MAX_REQUEST, Client, QemuNbd
 from backupkit.repo import Index, Manifest, Repository
+from backupkit.repo.names import check_name
 from backupkit.repo.storage import Buffer
 
 log = logging.getLogger("backupkit.restore")
@@ -203,6 +204,7 @@ def _select(manifest: Manifest, disks: Iterable[str]) -> list[str]:
     if not wanted:
         return [d.name for d in manifest.disks]
     for name in wanted:
+        check_name("disk name", name)  # exit 2 for '/', '..', NUL: not a lookup miss
         if manifest.disk(name) is None:
             have = ", ".join(d.name for d in manifest.disks) or "none"
             raise NotFound("disk", f"{manifest.domain}/{manifest.id}/{name}",
