@@ -106,7 +106,8 @@ def tree_digest(root: Path) -> dict[str, str]:
 def one_line_error(cp: subprocess.CompletedProcess[str]) -> str:
     """The error a failed command printed: exactly one line, no traceback."""
     assert "Traceback" not in cp.stderr, cp.stderr
-    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in cp.stderr.splitlines()
+             if ln.strip() and " INFO " not in ln and " WARNING " not in ln]
     assert len(lines) == 1, cp.stderr
     return lines[0]
 
