@@ -179,3 +179,19 @@ def test_same_image_block_devices_and_files(tmp_path: Any) -> None:
     assert not bm.same_image(str(f), "/dev/null")
     with mock.patch("os.stat", side_effect=OSError):
         assert bm.same_image("/x/../y", "/y")
+
+
+def test_bitmaps_store_size() -> None:
+    from backupkit import bitmaps as bm
+
+    MiB, GiB = 1 << 20, 1 << 30
+    assert bm.bitmaps_store_size(GiB, 65536, []) == 0
+    # 1 GiB at 64 KiB granularity: 2 KiB of bits -> 1 data cluster + 1 table cluster.
+    one = bm.bitmaps_store_size(GiB, 65536, [("a", 65536, 0)])
+    assert one == 2 * 65536 + 65536 + 2 * 65536
+    # HOST-FACTS' window: 33 bitmaps need more than the 3.5 MiB left after a 120 MiB
+    # merge on a 128 MiB volume, and less than the 5.5 MiB left after 118 MiB.
+    many = bm.bitmaps_store_size(GiB, 65536, [(f"s{i}", 65536, 0) for i in range(33)])
+    assert 3.6 * MiB < many < 5.4 * MiB
+    # Finer granularity needs more data clusters.
+    assert bm.bitmaps_store_size(64 * GiB, 65536, [("a", 4096, 1)]) > 64 * MiB

@@ -276,3 +276,28 @@ def test_live_base_too_small_bitmaps_really_lost_at_restart(
     # check --fix cleans what the lost close left behind (in-use stale copies).
     hygiene.check(domain=td.name, fix=True, connect=rig.URI, repo=str(repo_path))
     hygiene.check(domain=td.name, connect=rig.URI, repo=str(repo_path))
+
+
+def test_check_fix_on_shut_off_domain(
+        make_domain: Callable[..., rig.TestDomain], repo: Repository, repo_path: Path,
+        conn: virt.Connection, scratch_dir: Path, tmp_path: Path) -> None:
+    """Shut off: the chain is read with qemu-img, repairs are qemu-img and metadata."""
+    td = make_domain([("qcow2", 16 * MiB)], running=False)
+    base = str(tmp_path / "base.qcow2")
+    active = over_base(td, base, stale=1)
+    td.write("vda", 0, 1 * MiB, 0x11)
+    b1 = do_backup(repo, conn, td, scratch_dir)
+    add(active, "backupkit.leftover")
+    conn.domain(td.name).redefine_checkpoint(
+        "<domaincheckpoint><name>backupkit.leftover</name><creationTime>1</creationTime>"
+        "<disks><disk name='vda' checkpoint='bitmap' bitmap='backupkit.leftover'/></disks>"
+        "</domaincheckpoint>")
+    with pytest.raises(BitmapLost) as e:
+        hygiene.check(domain=td.name, connect=rig.URI, repo=str(repo_path))
+    assert {(p["kind"], p["name"]) for p in e.value.report["remaining"]} == {
+        ("orphan", "stale-000"), ("leftover_checkpoint", "backupkit.leftover")}
+    fixed = hygiene.check(domain=td.name, fix=True, connect=rig.URI, repo=str(repo_path))
+    assert fixed["clean"]
+    assert set(bitmaps(active)) == {b1["checkpoint"]} and bitmaps(base) == {}
+    assert [c.name for c in conn.domain(td.name).checkpoints()] == [b1["checkpoint"]]
+    assert hygiene.check(domain=td.name, connect=rig.URI, repo=str(repo_path))["problems"] == []

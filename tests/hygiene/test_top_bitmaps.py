@@ -120,11 +120,13 @@ def test_open_image_is_refused(
         hygiene.check(images=[top])
 
 
-def test_live_path_not_there_yet(tmp_path: Path) -> None:
-    from backupkit.errors import OperationFailed
-    with pytest.raises(OperationFailed, match="not implemented"):
-        hygiene.check(domain="vm")
-    with pytest.raises(OperationFailed, match="not implemented"):
-        hygiene.pre_merge("a", "b", domain="vm", disk="vda")
+def test_live_argument_errors(tmp_path: Path) -> None:
+    """--domain and --disk go together; the live path is in tests/hygiene/test_live.py."""
+    with pytest.raises(UsageError):
+        hygiene.pre_merge("a", "b", domain="vm")
+    with pytest.raises(UsageError):
+        hygiene.post_merge("a", "b", disk="vda")
     with pytest.raises(UsageError):
         hygiene.check()
+    with pytest.raises(UsageError):
+        hygiene.check(images=["a"], domain="vm")
