@@ -12,6 +12,7 @@ restore never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backupkit import qemu
-from backupkit.errors import CorruptRepository, NotFound, UsageError
+from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed, UsageError
 from backupkit.nbd import MAX_REQUEST, Client, QemuNbd
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
@@ -155,8 +156,17 @@ def _restore_qcow2(repo: Repository, job: _Job, workers: int,
     # Claim the name first (O_EXCL), then let qemu-img format it.
     os.close(os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
     qemu.create(job.tmp, "qcow2", job.index.virtual_size)
-    if job.index.data_bytes == 0:
-        return
+    if job.index.data_bytes:
+        _write_qcow2(repo, job, workers, progress)
+    fd = os.open(job.tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_qcow2(repo: Repository, job: _Job, workers: int,
+                 progress: Progress | None) -> None:
     sockdir = tempfile.mkdtemp(prefix="backupkit-restore-")
     try:
         server = QemuNbd(job.tmp, "qcow2", os.path.join(sockdir, "nbd.sock"),
@@ -172,11 +182,6 @@ def _restore_qcow2(repo: Repository, job: _Job, workers: int,
             finally:
                 for c in clients:
                     c.close()
-        fd = os.open(job.tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
 
@@ -264,10 +269,15 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
             })
         for job in jobs:
             _install(job.tmp, job.final, force)
-    except BaseException:
+    except BaseException as e:
         for job in done:
             with contextlib.suppress(OSError):
                 os.unlink(job.tmp)
+        if isinstance(e, OSError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left in {target_dir} while restoring "
+                              f"{domain}/{manifest.id}") from e
+            raise OperationFailed(f"restore into {target_dir}: {e}") from e
         raise
     dirfd = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
