@@ -202,7 +202,9 @@ def test_service_semantics(unit: Path) -> None:
         rw = " ".join(svc["ReadWritePaths"]).split()
         assert "-/var/lib/libvirt/images" in rw, "cold backups change bitmaps in the images"
         assert "backupkit/scratch" in " ".join(svc["StateDirectory"])
-        assert "PrivateDevices" not in svc, "block-device disks must stay reachable"
+        for directive in ("PrivateDevices", "DeviceAllow", "DevicePolicy", "ProtectClock"):
+            # ProtectClock= implies DeviceAllow=char-rtc, which closes the device policy
+            assert directive not in svc, f"{directive}: block-device disks must stay reachable"
         assert "AF_UNIX" in " ".join(svc["RestrictAddressFamilies"])
         assert not any(p.startswith("/run") for p in svc.get("InaccessiblePaths", []))
 
