@@ -368,11 +368,7 @@ class _Backup:
         rec = DiskRecord(name=disk.target, source=disk.path, format=disk.format,
                          virtual_size=client.size, read_bytes=res.read_bytes,
                          stored_bytes=res.stored_bytes, data_bytes=res.index.data_bytes,
-                         index=ref)
-        rec_extra = getattr(rec, "__dict__", None)
-        if rec_extra is not None:
-            rec_extra.setdefault("mode", mode)
-            rec_extra.setdefault("reason", reason)
+                         index=ref, mode=mode, reason=reason)
         return rec
 
     def _run_live(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
@@ -497,7 +493,17 @@ def _raise_mode(domain: str, reason: str) -> Plan:
 def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:
     """Delete a checkpoint with its bitmap in every layer of every disk's chain."""
     if running:
-        dom.delete_checkpoint(name)
+        try:
+            dom.delete_checkpoint(name)
+        except Error:
+            # A QEMU killed with SIGKILL loses the bitmaps it created; libvirt still
+            # lists the checkpoint but refuses to delete it ("bitmap not found in
+            # backing chain").  With no bitmap left anywhere, drop the metadata.
+            if any(b.get("name") == name for bs in dom.block_bitmaps().values() for b in bs):
+                raise
+            log.warning("%s: checkpoint %s has no bitmap left; removing its metadata",
+                        dom.name, name)
+            dom.delete_checkpoint(name, metadata_only=True)
         return
     for d in dom.disks():
         for layer in [d.path, *(b.path for b in d.backing)]:
@@ -533,7 +539,7 @@ def summary(m: Manifest) -> dict[str, Any]:
             {"name": d.name, "format": d.format, "virtual_size": d.virtual_size,
              "read_bytes": d.read_bytes, "stored_bytes": d.stored_bytes,
              "data_bytes": d.data_bytes,
-             "mode": getattr(d, "mode", m.mode), "reason": getattr(d, "reason", m.reason)}
+             "mode": d.mode or m.mode, "reason": d.reason or m.reason}
             for d in m.disks
         ],
     }
