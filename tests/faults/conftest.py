@@ -85,6 +85,16 @@ def write_random(td: rig.TestDomain, target: str, offset: int, length: int, seed
     src.unlink()
 
 
+def guest_flush(td: rig.TestDomain, target: str) -> None:
+    """Flush the guest's writes to the image (before killing QEMU, like a guest fsync)."""
+    import libvirt_qemu
+
+    index = ord(target[-1]) - ord("a")
+    hmp = f'qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend "flush"'
+    libvirt_qemu.qemuMonitorCommand(td.dom, hmp,
+                                    libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file under root (locks excluded) -> sha256; symlinks by their target."""
     out: dict[str, str] = {}
