@@ -33,7 +33,33 @@ def render(doc: Any) -> str:
                  size(b.get("logical_size")), size(b.get("stored_size"))]
                 for b in doc["backups"]]
         return table(rows, ["DOMAIN", "ID", "CREATED", "MODE", "DISKS", "LOGICAL", "STORED"])
+    if _is_backup_summary(doc):
+        return backup_summary(doc)
     return _yaml(doc)
+
+
+def _is_backup_summary(doc: Any) -> bool:
+    """The result of ``backup`` with several domains: {"backups": [...], "failed": [...]}."""
+    return (isinstance(doc, dict) and isinstance(doc.get("backups"), list)
+            and isinstance(doc.get("failed"), list)
+            and all(isinstance(b, dict) and "domain" in b for b in doc["backups"])
+            and all(isinstance(f, dict) and "domain" in f for f in doc["failed"]))
+
+
+def backup_summary(doc: dict[str, Any]) -> str:
+    """One row per domain, in the order backed up, failures last: the outcome of --all."""
+    rows = []
+    for b in doc["backups"]:
+        dur = b.get("duration_seconds")
+        rows.append([b["domain"], "ok", str(b.get("mode", "")), size(b.get("read_bytes")),
+                     size(b.get("stored_bytes")),
+                     f"{dur:.1f}s" if isinstance(dur, (int, float)) else "-",
+                     str(b.get("reason", ""))])
+    for f in doc["failed"]:
+        rows.append([f["domain"], "FAILED", "-", "-", "-", "-",
+                     " ".join(str(f.get("message", "")).split())])
+    return table(rows, ["DOMAIN", "RESULT", "MODE", "READ", "STORED", "DURATION",
+                        "REASON"])
 
 
 def _yaml(doc: Any, indent: int = 0) -> str:

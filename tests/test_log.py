@@ -85,3 +85,20 @@ def test_priorities() -> None:
     assert [log.priority(v) for v in (logging.DEBUG, logging.INFO, logging.WARNING,
                                       logging.ERROR, logging.CRITICAL)] == [7, 6, 4, 3, 2]
     assert log.priority(logging.INFO + 5) == 6
+
+
+def test_backup_all_summary_lists_each_domain_outcome() -> None:
+    from backupkit import render
+
+    doc = {"backups": [{"domain": "a", "id": "x", "mode": "full", "reason": "no previous backup",
+                        "read_bytes": 1 << 30, "stored_bytes": 5 << 20,
+                        "duration_seconds": 12.34}],
+           "failed": [{"domain": "b", "kind": "not_found", "message": "domain b\nnot found",
+                       "exit_code": 4}]}
+    lines = render.render(doc).splitlines()
+    assert lines[0].split() == ["DOMAIN", "RESULT", "MODE", "READ", "STORED", "DURATION",
+                                "REASON"]
+    assert lines[1].split()[:3] == ["a", "ok", "full"] and "12.3s" in lines[1]
+    assert "1.0 GiB" in lines[1] and "no previous backup" in lines[1]
+    assert lines[2].split()[:2] == ["b", "FAILED"] and lines[2].endswith("domain b not found")
+    assert len(lines) == 3
