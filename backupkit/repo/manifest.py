@@ -27,6 +27,9 @@ class DiskRecord:
     stored_bytes: int
     data_bytes: int
     index: dict[str, Any]  # {"key": storage key, "sha256": hex, "size": bytes} from write_index
+    # How this disk was copied and why: a raw disk is "full" inside an incremental backup.
+    mode: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -183,7 +186,12 @@ def _parse(doc: Any) -> Manifest:
         size = _check(index, "size", (int,), False, where + "index: ")
         if not _HEX64.fullmatch(sha):
             raise ManifestFormatError(f"{where}index: bad sha256")
-        disks.append(DiskRecord(index={"key": key, "sha256": sha, "size": size}, **dv))
+        mode = d.get("mode", "")
+        reason = d.get("reason", "")
+        if mode not in ("", "full", "incremental") or not isinstance(reason, str):
+            raise ManifestFormatError(f"{where}bad mode or reason")
+        disks.append(DiskRecord(index={"key": key, "sha256": sha, "size": size},
+                                mode=mode, reason=reason, **dv))
     values["duration_seconds"] = float(values["duration_seconds"])
     if values["freeze_seconds"] is not None:
         values["freeze_seconds"] = float(values["freeze_seconds"])
