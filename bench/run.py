@@ -1,0 +1,761 @@
+"""backupkit benchmark harness: one command, one run, every number next to its baseline.
+
+    .venv/bin/python -m bench.run [--size 4G] [--chunk-size 1M] [--sweep 256K,1M,4M]
+
+Creates a running test domain with one qcow2 disk of ``--size`` and a fixed,
+seeded layout (about half never written, a quarter compressible text, a quarter
+random data, in runs of 256 KiB..8 MiB spread over the disk), written with
+``qemu-io`` into the image before the domain starts.  Then, in one run:
+
+- full backup (the CLI, as a child process) vs ``nbdcopy`` of the same libvirt
+  pull-mode export to a local file (the copy limit);
+- incrementals after 1 % and 10 % of the disk were rewritten by the guest in
+  scattered 64 KiB..1 MiB writes: time as a fraction of the full backup's time,
+  per-byte rate vs the full's, and read amplification (bytes read / bytes dirty);
+- a no-change incremental, wall time including process start (cold and warm cache);
+- restore to qcow2 and raw vs ``qemu-img convert`` of the same disk into the
+  same format (both fsynced);
+- ``verify --data`` throughput; peak RSS of every backupkit command (/usr/bin/time);
+- repository size vs allocated data;
+- virtnbdbackup (if installed) on an identical clone domain: full with and
+  without ``-z``, incrementals after the same writes, virtnbdrestore;
+- a chunk-size sweep: full speed, index size, read amplification, stored bytes.
+
+Page caches are dropped before every timed read of a disk or repository
+(``--warm`` keeps them).  Results: a table on stdout and JSON in bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import libvirt  # noqa: E402
+import libvirt_qemu  # noqa: E402
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+MB = 1_000_000
+URI = os.environ.get("BACKUPKIT_TEST_URI", "qemu:///system")
+
+GOALS = {
+    "full_vs_copy": 1.5,        # full backup time / nbdcopy time
+    "full_vs_peer_z": 1 / 2.5,  # full backup time / virtnbdbackup -z time
+    "noop_seconds": 1.0,
+    "read_amp": 3.0,
+    "restore_vs_convert": 1.25,
+    "restore_vs_peer": 1 / 4,
+    "inc_vs_peer": 1 / 2,
+    "rss_mib": 512,
+}
+
+
+# --- small helpers -------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    units = {"K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    if t[-1:] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def human(n: float) -> str:
+    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def drop_caches(enabled: bool) -> None:
+    if not enabled:
+        return
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        log(f"cannot drop caches ({e}); timings are warm")
+
+
+def du(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of a file or a tree."""
+    if path.is_file():
+        st = path.stat()
+        return st.st_size, st.st_blocks * 512
+    apparent = allocated = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+@dataclass
+class Run:
+    argv: list[str]
+    seconds: float
+    rc: int
+    max_rss_kib: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def run(argv: list[str], *, env: dict[str, str] | None = None, check: bool = True) -> Run:
+    """Run a child, timing it (wall clock) and reading its peak RSS."""
+    # ru_maxrss survives exec: a child forked from this (big) process would report at
+    # least our own RSS.  /usr/bin/time is small, so the RSS it reports is the command's.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as rss:
+        timed = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv]
+        t0 = time.monotonic()
+        p = subprocess.run(timed, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL,
+                           check=False)
+        seconds = time.monotonic() - t0
+        out.seek(0)
+        err.seek(0)
+        text = rss.read().split()
+        r = Run(argv, seconds, p.returncode, int(text[-1]) if text else 0,
+                out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+    if check and r.rc != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {r.rc}:\n{r.stderr[-3000:]}"
+                           f"\n{r.stdout[-2000:]}")
+    return r
+
+
+# --- the disk layout -----------------------------------------------------------------
+
+
+def text_pool(rnd: random.Random, size: int) -> bytes:
+    """Seeded text-like data (words from a vocabulary): zstd compresses it ~3x."""
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = [12, 9, 8, 7.5, 7, 6.7, 6.3, 6, 6, 4.3, 4, 2.8, 2.8, 2.4, 2.4, 2.2, 2, 2, 1.9,
+               1.5, 1, 0.8, 0.2, 0.2, 0.1, 0.1]
+    vocab = ["".join(rnd.choices(letters, weights, k=rnd.randint(2, 11))) for _ in range(20000)]
+    words = rnd.choices(vocab, k=size // 5)
+    out = bytearray()
+    for i in range(0, len(words), 16):
+        out += " ".join(words[i:i + 16]).encode() + (b"\n" if i % 64 else b".\n")
+        if len(out) >= size:
+            break
+    return bytes(out[:size])
+
+
+def layout(size: int, seed: int) -> list[tuple[int, int, str]]:
+    """(offset, length, kind) runs covering the disk; kind: zero | text | random."""
+    rnd = random.Random(seed)
+    runs = []
+    pos = 0
+    while pos < size:
+        length = min(rnd.randrange(256 * KiB, 8 * MiB + 1, 64 * KiB), size - pos)
+        kind = rnd.choices(("zero", "text", "random"), (2, 1, 1))[0]
+        runs.append((pos, length, kind))
+        pos += length
+    return runs
+
+
+def fill_image(image: Path, size: int, seed: int, tmp: Path) -> dict[str, int]:
+    """Write the seeded layout into the qcow2 with qemu-io (the domain is not running)."""
+    rnd = random.Random(seed + 1)
+    pool = text_pool(rnd, 32 * MiB)
+    stats = {"zero": 0, "text": 0, "random": 0}
+    batch: list[str] = []
+    files: list[Path] = []
+
+    def flush() -> None:
+        if batch:
+            args = ["qemu-io", "-f", "qcow2"]
+            for c in batch:
+                args += ["-c", c]
+            subprocess.run([*args, str(image)], check=True, capture_output=True)
+        for f in files:
+            f.unlink()
+        batch.clear()
+        files.clear()
+
+    for off, length, kind in layout(size, seed):
+        stats[kind] += length
+        if kind == "zero":
+            continue
+        if kind == "text":
+            start = rnd.randrange(0, len(pool) - length)
+            data = pool[start:start + length]
+        else:
+            data = rnd.randbytes(length)
+        f = tmp / f"fill-{off}"
+        f.write_bytes(data)
+        files.append(f)
+        batch.append(f"write -q -s {f} {off} {length}")
+        if len(batch) >= 48:
+            flush()
+    flush()
+    return stats
+
+
+def scattered_writes(size: int, fraction: float, seed: int) -> list[tuple[int, int]]:
+    """Guest writes of 64 KiB..1 MiB (4 KiB aligned) until fraction of the disk is written."""
+    rnd = random.Random(seed)
+    writes = []
+    total = 0
+    while total < fraction * size:
+        length = rnd.randrange(64 * KiB, MiB + 1, 4 * KiB)
+        off = rnd.randrange(0, size - length, 4 * KiB)
+        writes.append((off, length))
+        total += length
+    return writes
+
+
+def union_bytes(ranges: list[tuple[int, int]], gran: int = 1) -> int:
+    spans = sorted((o // gran * gran, -(-(o + n) // gran) * gran) for o, n in ranges)
+    total = 0
+    cur_s, cur_e = -1, -1
+    for s, e in spans:
+        if s > cur_e:
+            total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s)
+
+
+# --- domains ---------------------------------------------------------------------------
+
+
+def domain_xml(name: str, image: Path) -> str:
+    virt = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+    return (
+        f"<domain type='{virt}'><name>{name}</name><memory unit='MiB'>128</memory>"
+        "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>"
+        "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash><devices>"
+        "<emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{image}'/><target dev='vda' bus='virtio'/><serial>vda</serial></disk>"
+        "<memballoon model='none'/></devices></domain>")
+
+
+class Conn:
+    """A libvirt connection that reconnects when libvirtd was restarted under us."""
+
+    def __init__(self) -> None:
+        self._c = libvirt.open(URI)
+
+    def get(self) -> Any:
+        try:
+            self._c.getLibVersion()
+        except libvirt.libvirtError:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._c.close()
+            for _ in range(50):
+                try:
+                    self._c = libvirt.open(URI)
+                    break
+                except libvirt.libvirtError:
+                    time.sleep(0.2)
+        return self._c
+
+
+@dataclass
+class BenchDomain:
+    conns: Conn
+    name: str
+    image: Path
+
+    @property
+    def conn(self) -> Any:
+        return self.conns.get()
+
+    @property
+    def dom(self) -> Any:
+        return self.conn.lookupByName(self.name)
+
+    def guest_write(self, off: int, length: int, source: Path) -> None:
+        cmd = f"write -q -s {source} {off} {length}"
+        hmp = f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{cmd}"'
+        out = libvirt_qemu.qemuMonitorCommand(
+            self.dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        if "error" in out.lower() or "fail" in out.lower():
+            raise RuntimeError(f"guest write failed: {out}")
+
+    def cleanup(self) -> None:
+        try:
+            dom = self.conn.lookupByName(self.name)
+        except libvirt.libvirtError:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.abortJob()
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            for cp in dom.listAllCheckpoints(0):
+                with contextlib.suppress(libvirt.libvirtError):
+                    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+
+@contextlib.contextmanager
+def pull_export(d: BenchDomain, work: Path) -> Iterator[str]:
+    """A libvirt pull-mode export of vda (no checkpoint): the NBD URI."""
+    sock = work / f"pull-{d.name}.sock"
+    scratch = work / f"pull-{d.name}.scratch"
+    xml = (f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/><disks>"
+           f"<disk name='vda' backup='yes' type='file'><scratch file='{scratch}'/></disk>"
+           "</disks></domainbackup>")
+    d.dom.backupBegin(xml, None, 0)
+    try:
+        yield f"nbd+unix:///vda?socket={sock}"
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            d.dom.abortJob()
+        with contextlib.suppress(FileNotFoundError):
+            scratch.unlink()
+
+
+def allocated_bytes(image: Path) -> int:
+    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(image)],
+                         check=True, capture_output=True).stdout
+    return sum(e["length"] for e in json.loads(out) if e.get("data"))
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the benchmark -----------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float
+    nbytes: int  # bytes the MB/s column is computed from
+    baseline: str = ""
+    baseline_seconds: float | None = None
+    ratio: float | None = None
+    goal: str = ""
+    ok: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mbps(self) -> float:
+        return self.nbytes / MB / self.seconds if self.seconds > 0 else 0.0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.size = parse_size(args.size)
+        self.cold = not args.warm
+        self.work = Path(args.workdir or tempfile.mkdtemp(prefix="bkbench-", dir="/var/tmp"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.conns = Conn()
+        self.rows: list[Row] = []
+        self.rss: dict[str, int] = {}
+        self.info: dict[str, Any] = {}
+        self.sweep: list[dict[str, Any]] = []
+        self.domains: list[BenchDomain] = []
+        self.peer = (not args.no_peer) and shutil.which("virtnbdbackup") is not None
+        cfg = self.work / "backupkit.toml"
+        cfg.write_text(f'scratch_dir = "{self.work / "scratch"}"\n')
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("BACKUPKIT_REPO", "JOURNAL_STREAM")}
+        self.env["BACKUPKIT_CONFIG"] = str(cfg)
+        self.env["PYTHONPATH"] = str(ROOT)
+
+    # -- helpers -------------------------------------------------------------
+
+    def cli(self, label: str, repo: Path, *args: str, cold: bool = True) -> Run:
+        drop_caches(self.cold and cold)
+        r = run([sys.executable, "-m", "backupkit", "--repo", str(repo), "--json", "-q", *args],
+                env=self.env)
+        self.rss[label] = max(self.rss.get(label, 0), r.max_rss_kib)
+        return r
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        log(f"{row.name}: {row.seconds:.2f}s"
+            + (f" ({row.baseline} {row.baseline_seconds:.2f}s, ratio {row.ratio:.2f})"
+               if row.baseline_seconds else ""))
+        return row
+
+    def apply_writes(self, fraction: float, seed: int) -> tuple[int, int]:
+        writes = scattered_writes(self.size, fraction, seed)
+        src = self.work / "write-source.bin"
+        if not src.exists():
+            src.write_bytes(random.Random(7).randbytes(MiB))
+        t0 = time.monotonic()
+        for d in self.domains:
+            for off, length in writes:
+                d.guest_write(off, length, src)
+        log(f"{len(writes)} guest writes ({fraction:.0%}) on {len(self.domains)} domain(s) "
+            f"in {time.monotonic() - t0:.1f}s")
+        return union_bytes(writes), union_bytes(writes, 64 * KiB)
+
+    # -- setup -------------------------------------------------------------------
+
+    def setup(self) -> None:
+        t0 = time.monotonic()
+        name = f"bkbench-{uuid.uuid4().hex[:8]}"
+        image = self.work / f"{name}-vda.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(self.size)],
+                       check=True)
+        fill = self.work / "fill"
+        fill.mkdir(exist_ok=True)
+        stats = fill_image(image, self.size, self.args.seed, fill)
+        fill.rmdir()
+        self.info["layout"] = stats
+        self.info["allocated_bytes"] = allocated_bytes(image)
+        images = [(name, image)]
+        if self.peer:
+            clone = self.work / f"{name}-peer-vda.qcow2"
+            subprocess.run(["cp", "--sparse=always", str(image), str(clone)], check=True)
+            images.append((f"{name}-peer", clone))
+        for n, img in images:
+            self.conns.get().defineXML(domain_xml(n, img))
+            d = BenchDomain(self.conns, n, img)
+            self.domains.append(d)
+            d.dom.create()
+        (self.work / "scratch").mkdir(exist_ok=True)
+        self.info["setup_seconds"] = round(time.monotonic() - t0, 2)
+        log(f"domain {name} ({human(self.size)}, {human(self.info['allocated_bytes'])} allocated: "
+            f"{human(stats['text'])} text, {human(stats['random'])} random) ready in "
+            f"{self.info['setup_seconds']}s; peer clone: {self.peer}")
+
+    # -- the measurements -----------------------------------------------------------
+
+    def main_run(self) -> None:
+        main = self.domains[0]
+        alloc = self.info["allocated_bytes"]
+        repo = self.work / "repo"
+        cs = self.args.chunk_size
+
+        # The copy limit: nbdcopy of the same pull-mode export to a local file.
+        out = self.work / "nbdcopy.raw"
+        with pull_export(main, self.work) as uri:
+            drop_caches(self.cold)
+            r = run(["nbdcopy", "--flush", uri, str(out)])
+        copy_s = r.seconds
+        out.unlink()
+        self.add(Row("nbdcopy export -> file (copy limit)", copy_s, alloc))
+
+        self.cli("init", repo, "init", "--chunk-size", cs)
+        full = self.cli("backup full", repo, "backup", main.name)
+        fj = full.json()
+        assert fj["mode"] == "full", fj
+        full_s = full.seconds
+        self.add(Row("backupkit full backup", full_s, alloc, "nbdcopy", copy_s,
+                     full_s / copy_s, f"<= {GOALS['full_vs_copy']}",
+                     full_s / copy_s <= GOALS["full_vs_copy"],
+                     {"read_bytes": fj["read_bytes"], "stored_bytes": fj["stored_bytes"],
+                      "internal_seconds": fj["duration_seconds"]}))
+        apparent, on_disk = du(repo)
+        self.info["repo_after_full"] = {"apparent": apparent, "allocated": on_disk,
+                                        "vs_allocated_data": round(apparent / alloc, 3)}
+
+        peer_dir = self.work / "peer-z"
+        if self.peer:
+            peer = self.domains[1]
+            nz = self.work / "peer-plain"
+            drop_caches(self.cold)
+            r = run(["virtnbdbackup", "-d", peer.name, "-l", "full", "-o", str(nz), "-n",
+                     "-S", str(self.work / "scratch")])
+            self.info["peer_full_plain_size"] = du(nz)[0]
+            self.add(Row("virtnbdbackup -l full", r.seconds, alloc,
+                         extra={"output_bytes": du(nz)[0]}))
+            shutil.rmtree(nz)
+            drop_caches(self.cold)
+            r = run(["virtnbdbackup", "-d", peer.name, "-l", "full", "-z", "-o", str(peer_dir),
+                     "-n", "-S", str(self.work / "scratch")])
+            pz_s = r.seconds
+            self.info["peer_full_z_size"] = du(peer_dir)[0]
+            self.add(Row("virtnbdbackup -l full -z", pz_s, alloc,
+                         extra={"output_bytes": du(peer_dir)[0]}))
+            ratio = full_s / pz_s
+            self.add(Row("backupkit full vs virtnbdbackup -z", full_s, alloc,
+                         "virtnbdbackup -z", pz_s, ratio, "<= 0.4 (2.5x faster)",
+                         ratio <= GOALS["full_vs_peer_z"]))
+
+        full_rate = full_s / alloc  # seconds per byte
+        inc_rows: list[Row] = []
+        for frac, seed in ((0.01, 101), (0.10, 110)):
+            dirty, dirty64 = self.apply_writes(frac, self.args.seed + seed)
+            inc = self.cli(f"backup inc {frac:.0%}", repo, "backup", main.name)
+            ij = inc.json()
+            assert ij["mode"] == "incremental", ij
+            amp = ij["read_bytes"] / dirty
+            label = f"incremental after {frac:.0%} rewritten"
+            inc_rows.append(self.add(Row(
+                label, inc.seconds, dirty, "full backup", full_s, inc.seconds / full_s,
+                f"read amp <= {GOALS['read_amp']}; per-byte <= full's", None,
+                {"dirty_bytes": dirty, "dirty_bytes_64k": dirty64,
+                 "read_bytes": ij["read_bytes"], "stored_bytes": ij["stored_bytes"],
+                 "read_amplification": round(amp, 3)})))
+            if self.peer:
+                drop_caches(self.cold)
+                r = run(["virtnbdbackup", "-d", self.domains[1].name, "-l", "inc", "-z",
+                         "-o", str(peer_dir), "-n", "-S", str(self.work / "scratch")])
+                ratio = inc.seconds / r.seconds
+                self.add(Row(f"{label} vs virtnbdbackup -l inc -z", inc.seconds, dirty,
+                             "virtnbdbackup inc", r.seconds, ratio, "<= 0.5 (2x faster)",
+                             ratio <= GOALS["inc_vs_peer"]))
+
+        noop_cold = self.cli("backup no-change", repo, "backup", main.name)
+        noop_warm = self.cli("backup no-change", repo, "backup", main.name, cold=False)
+        for tag, r in (("cold cache", noop_cold), ("warm cache", noop_warm)):
+            assert r.json()["mode"] == "incremental"
+            self.add(Row(f"no-change incremental (CLI, {tag})", r.seconds, 0, goal="<= 1 s",
+                         ok=r.seconds <= GOALS["noop_seconds"],
+                         extra={"read_bytes": r.json()["read_bytes"]}))
+
+        # Beyond the fixed cost of a no-change run, time grows with the dirty bytes.
+        for row in inc_rows:
+            per_byte = (row.seconds - noop_warm.seconds) / row.nbytes / full_rate
+            row.extra["per_byte_vs_full"] = round(per_byte, 3)
+            row.ok = row.extra["read_amplification"] <= GOALS["read_amp"] and per_byte <= 1.0
+
+        apparent, on_disk = du(repo)
+        self.info["repo_final"] = {"apparent": apparent, "allocated": on_disk,
+                                   "vs_allocated_data": round(apparent / alloc, 3)}
+        if self.peer:
+            self.info["peer_final_z_size"] = du(peer_dir)[0]
+
+        # Restore vs qemu-img convert of the same content (the disk now) into the same format.
+        for fmt in ("qcow2", "raw"):
+            target = self.work / f"restore-{fmt}"
+            r = self.cli(f"restore {fmt}", repo, "restore", main.name, "latest", "--target",
+                         str(target), "--format", fmt)
+            conv = self.work / f"convert.{fmt}"
+            drop_caches(self.cold)
+            t0 = time.monotonic()
+            subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", fmt,
+                            str(main.image), str(conv)], check=True)
+            fsync_path(conv)
+            conv_s = time.monotonic() - t0
+            same = subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", fmt, "-F", fmt,
+                                   str(conv), str(target / f"vda.{fmt}")]).returncode == 0
+            ratio = r.seconds / conv_s
+            self.add(Row(f"restore {fmt}", r.seconds, alloc, f"qemu-img convert -O {fmt}",
+                         conv_s, ratio, f"<= {GOALS['restore_vs_convert']}",
+                         ratio <= GOALS["restore_vs_convert"] and same,
+                         {"identical_to_convert": same}))
+            conv.unlink()
+            if fmt == "qcow2":
+                restore_qcow2_s = r.seconds
+            shutil.rmtree(target)
+        if self.peer:
+            out_dir = self.work / "peer-restore"
+            drop_caches(self.cold)
+            r = run(["virtnbdrestore", "-i", str(peer_dir), "-o", str(out_dir), "-n"])
+            ratio = restore_qcow2_s / r.seconds
+            self.add(Row("restore qcow2 vs virtnbdrestore", restore_qcow2_s, alloc,
+                         "virtnbdrestore", r.seconds, ratio, "<= 0.25 (4x faster)",
+                         ratio <= GOALS["restore_vs_peer"]))
+            shutil.rmtree(out_dir)
+
+        v = self.cli("verify --data", repo, "verify", "--data")
+        vj = v.json()
+        self.add(Row("verify --data", v.seconds, vj["bytes_read"],
+                     extra={"chunks": vj["chunks_checked"], "ok": vj["ok"]}))
+        shutil.rmtree(repo)
+
+    def chunk_sweep(self) -> None:
+        main = self.domains[0]
+        alloc = self.info["allocated_bytes"]
+        for i, cs_text in enumerate(s for s in self.args.sweep.split(",") if s):
+            cs = parse_size(cs_text)
+            repo = self.work / f"repo-sweep-{cs}"
+            self.cli("init", repo, "init", "--chunk-size", str(cs))
+            full = self.cli("backup full", repo, "backup", main.name)
+            fj = full.json()
+            dirty, _ = self.apply_writes(0.01, self.args.seed + 1000 + i)
+            inc = self.cli("backup inc 1%", repo, "backup", main.name)
+            ij = inc.json()
+            index = next((repo / "backups" / main.name).glob(f"{fj['id']}/vda.index"))
+            entry = {
+                "chunk_size": cs, "full_seconds": round(full.seconds, 3),
+                "full_mbps": round(alloc / MB / full.seconds, 1),
+                "full_rss_mib": round(full.max_rss_kib / 1024, 1),
+                "index_bytes": index.stat().st_size,
+                "repo_bytes_after_full": du(repo)[0],
+                "inc_seconds": round(inc.seconds, 3), "dirty_bytes": dirty,
+                "read_amplification": round(ij["read_bytes"] / dirty, 3),
+                "stored_amplification": round(ij["stored_bytes"] / dirty, 3),
+            }
+            self.sweep.append(entry)
+            log(f"sweep {cs_text}: {entry}")
+            shutil.rmtree(repo)
+
+    def cleanup(self) -> None:
+        for d in self.domains:
+            d.cleanup()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- report ---------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        doc = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "args": vars(self.args),
+            "machine": machine(),
+            "info": self.info,
+            "rows": [{**asdict(r), "mbps": round(r.mbps, 1)} for r in self.rows],
+            "peak_rss_mib": {k: round(v / 1024, 1) for k, v in self.rss.items()},
+            "rss_ok": all(v / 1024 < GOALS["rss_mib"] for v in self.rss.values()),
+            "chunk_sweep": self.sweep,
+        }
+        return doc
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), "")
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * KiB
+
+    def version(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "absent"
+
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory": human(mem),
+            "python": sys.version.split()[0], "kernel": os.uname().release,
+            "qemu": version(["qemu-img", "--version"]),
+            "libvirt": version(["virsh", "--version"]),
+            "nbdcopy": version(["nbdcopy", "--version"]),
+            "virtnbdbackup": version(["virtnbdbackup", "--version"])}
+
+
+def render(doc: dict[str, Any]) -> str:
+    lines = []
+    a = doc["args"]
+    info = doc["info"]
+    m = doc["machine"]
+    lines.append(f"disk {a['size']} ({human(info['allocated_bytes'])} allocated: "
+                 f"{human(info['layout']['text'])} text, {human(info['layout']['random'])} "
+                 f"random), chunk size {a['chunk_size']}, caches "
+                 f"{'warm' if a['warm'] else 'dropped before each timed step'}")
+    lines.append(f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, {m['qemu']}, "
+                 f"libvirt {m['libvirt']}, Python {m['python']}")
+    lines.append("")
+    hdr = ("| step | s | MB/s | baseline | baseline s | ratio | goal | met | notes |")
+    lines.append(hdr)
+    lines.append("|" + "---|" * 9)
+    for r in doc["rows"]:
+        notes = ", ".join(f"{k}={human(v) if k.endswith('bytes') and isinstance(v, int) else v}"
+                          for k, v in r["extra"].items())
+        met = "" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
+        lines.append(
+            f"| {r['name']} | {r['seconds']:.2f} | {r['mbps']:.0f} | {r['baseline']} | "
+            + (f"{r['baseline_seconds']:.2f}" if r["baseline_seconds"] else "")
+            + " | " + (f"{r['ratio']:.2f}" if r["ratio"] is not None else "")
+            + f" | {r['goal']} | {met} | {notes} |")
+    lines.append("")
+    lines.append("Peak RSS (MiB) per backupkit command: "
+                 + ", ".join(f"{k} {v}" for k, v in doc["peak_rss_mib"].items())
+                 + f" — goal < {GOALS['rss_mib']}: {'met' if doc['rss_ok'] else 'NOT met'}")
+    rf = info.get("repo_final", {})
+    ra = info.get("repo_after_full", {})
+    lines.append(
+        f"Repository after full: {human(ra.get('apparent', 0))} "
+        f"({ra.get('vs_allocated_data')} x allocated data); after all incrementals: "
+        f"{human(rf.get('apparent', 0))}"
+        + (f"; virtnbdbackup -z: {human(info['peer_full_z_size'])} after full, "
+           f"{human(info['peer_final_z_size'])} after incrementals; without -z: "
+           f"{human(info['peer_full_plain_size'])}" if "peer_full_z_size" in info else
+           "; virtnbdbackup: not run"))
+    if doc["chunk_sweep"]:
+        lines.append("")
+        lines.append("| chunk size | full s | full MB/s | full RSS MiB | index bytes | "
+                     "repo after full | inc 1% s | read amp | stored / dirty |")
+        lines.append("|" + "---|" * 9)
+        for s in doc["chunk_sweep"]:
+            lines.append(
+                f"| {human(s['chunk_size'])} | {s['full_seconds']:.2f} | {s['full_mbps']} | "
+                f"{s['full_rss_mib']} | {s['index_bytes']} | {human(s['repo_bytes_after_full'])}"
+                f" | {s['inc_seconds']:.2f} | {s['read_amplification']} | "
+                f"{s['stored_amplification']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="4G", help="virtual disk size (default 4G)")
+    p.add_argument("--chunk-size", default="1M", help="chunk size of the main run (default 1M)")
+    p.add_argument("--sweep", default="256K,1M,4M",
+                   help="comma-separated chunk sizes to sweep ('' for none)")
+    p.add_argument("--seed", type=int, default=20240601)
+    p.add_argument("--no-peer", action="store_true", help="skip virtnbdbackup")
+    p.add_argument("--warm", action="store_true", help="do not drop page caches")
+    p.add_argument("--workdir", help="work directory (default: a new one in /var/tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="JSON output directory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    b = Bench(args)
+    failed: BaseException | None = None
+    try:
+        b.setup()
+        b.main_run()
+        b.chunk_sweep()
+    except BaseException as e:  # still report what was measured
+        failed = e
+    finally:
+        b.cleanup()
+    doc = b.report()
+    if failed is not None:
+        doc["failed"] = repr(failed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{args.size}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    try:
+        print(render(doc))
+    except (KeyError, TypeError) as e:  # a partial run: the JSON has what was measured
+        print(f"(no table: the run stopped early, {e!r})")
+    print(f"\nJSON: {path}")
+    if failed is not None:
+        raise failed
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

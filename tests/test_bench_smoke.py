@@ -1,0 +1,44 @@
+"""The benchmark harness runs end to end at a tiny size (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
+
+
+def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
+    if not shutil.which("nbdcopy"):
+        pytest.skip("nbdcopy (libnbd-bin) is not installed")
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--size", "64M", "--sweep", "256K", "--no-peer",
+         "--warm", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    assert "| backupkit full backup |" in cp.stdout
+    [path] = out.glob("bench-64M-*.json")
+    doc = json.loads(path.read_text())
+    names = {r["name"] for r in doc["rows"]}
+    for want in ("nbdcopy export -> file (copy limit)", "backupkit full backup",
+                 "incremental after 1% rewritten", "incremental after 10% rewritten",
+                 "no-change incremental (CLI, warm cache)", "restore qcow2", "restore raw",
+                 "verify --data"):
+        assert want in names
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert rows["restore qcow2"]["extra"]["identical_to_convert"] is True
+    assert rows["restore raw"]["extra"]["identical_to_convert"] is True
+    assert rows["verify --data"]["extra"]["ok"] is True
+    assert rows["incremental after 1% rewritten"]["extra"]["read_amplification"] < 3
+    assert doc["peak_rss_mib"]["backup full"] > 0
+    assert doc["chunk_sweep"][0]["chunk_size"] == 256 * 1024
+    assert not (tmp_path / "work").exists()  # cleaned up
