@@ -239,9 +239,15 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
         hooks = op.Hooks(progress_start=progress_factory(args))
         repos = {_repo_path(args, cfg, n) for n in names}
         if len(names) == 1:
-            res = op.backup(_open_repo(args, cfg, names[0]), conn, request(names[0]), hooks)
+            repo = _open_repo(args, cfg, names[0])
+            try:
+                res = op.backup(repo, conn, request(names[0]), hooks)
+            except errors.Error as e:
+                _metrics(cfg, None, (names[0], e))
+                raise
             _log_summary(res)
             _metrics(cfg, res, None)
+            _repo_metrics(cfg, repo)
             return res
         if len(repos) > 1:
             raise errors.UsageError("--all with per-domain repositories: back up each "
@@ -255,7 +261,10 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
                 log.error("%s: FAILED: %s", name, err)
             _metrics(cfg, res, (name, err) if err else None)
 
-        return op.backup_many(repo, conn, names, request, hooks, on_result)
+        try:
+            return op.backup_many(repo, conn, names, request, hooks, on_result)
+        finally:
+            _repo_metrics(cfg, repo)
 
 
 def _log_summary(res: dict[str, Any]) -> None:
@@ -278,6 +287,18 @@ def _metrics(cfg: config.Config, res: dict[str, Any] | None,
         log.warning("cannot write metrics to %s: %s", cfg.metrics_textfile, e)
 
 
+def _repo_metrics(cfg: config.Config, repo: Any) -> None:
+    """Repository size and chunk count for the textfile (one listing of the repository)."""
+    if not cfg.metrics_textfile:
+        return
+    from backupkit import metrics
+
+    try:
+        metrics.record_repository(cfg.metrics_textfile, repo.path, metrics.repository_stats(repo))
+    except OSError as e:
+        log.warning("cannot write metrics to %s: %s", cfg.metrics_textfile, e)
+
+
 def cmd_list(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import inspect
 
@@ -295,18 +316,25 @@ def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.progress import progress_factory
 
     factory = progress_factory(args)
+    repo = _open_repo(args, cfg, args.domain)
+    progress = None
+    if factory:
+        m = repo.get_manifest(args.domain, args.backup)
+        total = sum(d.data_bytes for d in m.disks if not args.disk or d.name in args.disk)
+        progress = factory("restore", total)
     return restore.restore(
-        _open_repo(args, cfg, args.domain), args.domain, args.backup, args.target,
+        repo, args.domain, args.backup, args.target,
         fmt=args.format, disks=tuple(args.disk), define=args.define, force=args.force,
-        connect=_uri(args, cfg), progress=factory("restore", 0) if factory else None)
+        connect=_uri(args, cfg), progress=progress)
 
 
 def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import verify
+    from backupkit.progress import progress_factory
 
     data = cfg.verify_data if args.data is None else args.data
     return verify.verify(_open_repo(args, cfg, args.domain), args.domain, args.backup,
-                         data=bool(data))
+                         data=bool(data), progress_start=progress_factory(args))
 
 
 def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -326,7 +354,10 @@ def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
 def cmd_gc(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import gc
 
-    return gc.gc(_open_repo(args, cfg), dry_run=args.dry_run, wait=_lock_wait(args, cfg))
+    repo = _open_repo(args, cfg)
+    result = gc.gc(repo, dry_run=args.dry_run, wait=_lock_wait(args, cfg))
+    _repo_metrics(cfg, repo)
+    return result
 
 
 def cmd_checkpoint_list(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -358,7 +389,9 @@ def cmd_hygiene_merge(args: argparse.Namespace, cfg: config.Config) -> Any:
         raise errors.UsageError("--domain and --disk go together")
     fn = hygiene.pre_merge if args.merge_step == "pre-merge" else hygiene.post_merge
     return fn(args.top, args.base, domain=args.domain, disk=args.disk,
-              connect=_uri(args, cfg), dry_run=args.dry_run)
+              connect=_uri(args, cfg), dry_run=args.dry_run,
+              repo=_optional_repo(args, cfg, args.domain) if args.domain else None,
+              wait=_lock_wait(args, cfg))
 
 
 def cmd_hygiene_check(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -368,7 +401,8 @@ def cmd_hygiene_check(args: argparse.Namespace, cfg: config.Config) -> Any:
         raise errors.UsageError("hygiene check needs DOMAIN or --image PATH..., not both")
     return hygiene.check(images=list(args.image), domain=args.domain, fix=args.fix,
                          connect=_uri(args, cfg),
-                         repo=_optional_repo(args, cfg, args.domain))
+                         repo=_optional_repo(args, cfg, args.domain),
+                         wait=_lock_wait(args, cfg))
 
 
 # --- main -----------------------------------------------------------------------
@@ -398,8 +432,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load(args.config)
         result = args.func(args, cfg)
     except errors.Error as e:
-        logsetup.setup(verbosity) if not logging.getLogger("backupkit").handlers else None
+        if not logging.getLogger("backupkit").handlers:
+            logsetup.setup(verbosity)
         log.error("%s", e)
+        result_doc = e.fields.get("result")
+        if not want_json and verbosity >= 0 and isinstance(result_doc, dict):
+            _print_human(result_doc)  # e.g. the per-domain table of a partial --all
         if verbosity > 0:
             log.exception("details")
         if want_json:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import logging
 import os
 import shutil
@@ -236,6 +235,12 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
     target_dir = os.path.abspath(target_dir)
     if os.path.lexists(target_dir) and not os.path.isdir(target_dir):
         raise UsageError(f"restore target {target_dir} is not a directory")
+    if define:
+        # Refuse an existing domain name before writing any data.
+        from backupkit import virt as _virt
+
+        if _virt.domain_exists(connect, define):
+            raise UsageError(f"domain {define!r} already exists; choose another --define name")
     # Read and check every index before writing anything.
     jobs = []
     for name in names:
@@ -298,12 +303,9 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
         "defined": None,
     }
     if define:
-        # TODO(lead): backupkit.virt.define_restored(connect, manifest, new_name, disk_paths)
-        # defines (does not start) a new domain from manifest.domain_xml with a new name,
-        # UUID and MACs, disks pointing at disk_paths ({disk name: restored path}), no
-        # checkpoints, refusing an existing name.  It should ideally be checked before the
-        # data is written; for now it runs after the files are in place.
-        virt: Any = importlib.import_module("backupkit.virt")
-        paths = {r["name"]: r["path"] for r in results}
-        result["defined"] = virt.define_restored(connect, manifest, define, paths) or define
+        # New name, UUID and MACs; disks pointing at the restored files; no checkpoints.
+        from backupkit import virt as _virt
+
+        paths = {str(r["name"]): str(r["path"]) for r in results}
+        result["defined"] = _virt.define_restored(connect, manifest, define, paths)
     return result

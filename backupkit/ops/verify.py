@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from backupkit.errors import CorruptRepository, Error, IntegrityError, RepositoryError
@@ -49,13 +49,19 @@ def _ranges(index: Index, slots: list[int]) -> list[dict[str, int]]:
     return out
 
 
-def _check_chunks(repo: Repository, digests: set[bytes], data: bool, workers: int
-                  ) -> tuple[dict[bytes, str], int]:
+ProgressStart = Callable[[str, int], Callable[[int], None] | None]
+
+
+def _check_chunks(repo: Repository, digests: set[bytes], data: bool, workers: int,
+                  progress_start: ProgressStart | None = None) -> tuple[dict[bytes, str], int]:
     """Bad digests with the reason, and bytes read."""
     bad: dict[bytes, str] = {}
     it = iter(sorted(digests))  # sorted: walks the chunk directories in order
     lock = threading.Lock()
     read_total = 0
+    progress = None
+    if progress_start and data:
+        progress = progress_start("verify", len(digests) * repo.chunk_size)
 
     def work() -> None:
         nonlocal read_total
@@ -69,7 +75,11 @@ def _check_chunks(repo: Repository, digests: set[bytes], data: bool, workers: in
             try:
                 if data:
                     chunk = repo.read_chunk(digest, buf, verify=True)
-                    local += memoryview(chunk).nbytes
+                    n = memoryview(chunk).nbytes
+                    local += n
+                    if progress:
+                        with lock:
+                            progress(n)
                 elif not repo.has_chunk(digest):
                     raise CorruptRepository(f"chunk {digest.hex()} is missing", path=repo.path)
             except RepositoryError as e:
@@ -91,17 +101,18 @@ def _check_chunks(repo: Repository, digests: set[bytes], data: bool, workers: in
 
 
 def verify(repo: Repository, domain: str | None = None, backup: str | None = None, *,
-           data: bool = False, workers: int = 2, wait: float = 0.0) -> dict[str, Any]:
+           data: bool = False, workers: int = 2, wait: float = 0.0,
+           progress_start: ProgressStart | None = None) -> dict[str, Any]:
     """Check the selected backups; IntegrityError (exit 5) with the report on any damage.
 
     Holds the shared repository lock, so gc cannot remove chunks meanwhile.
     """
     with repo.lock_shared(wait):
-        return _verify(repo, domain, backup, data, workers)
+        return _verify(repo, domain, backup, data, workers, progress_start)
 
 
 def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool,
-            workers: int) -> dict[str, Any]:
+            workers: int, progress_start: ProgressStart | None = None) -> dict[str, Any]:
     started = time.monotonic()
     damaged: dict[tuple[str, str], dict[str, Any]] = {}
     good: list[tuple[Manifest, list[str]]] = []  # manifests with their readable disks
@@ -134,7 +145,7 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
             digests.update(e for e in index.entries if e is not None)
         good.append((m, readable))
 
-    bad, read_bytes = _check_chunks(repo, digests, data, workers)
+    bad, read_bytes = _check_chunks(repo, digests, data, workers, progress_start)
 
     if bad:
         for m, readable in good:
