@@ -87,14 +87,21 @@ def checkpoint_xml(name: str, disks: list[Disk], *, description: str = "",
         parts.append(f"<description>{_text(description)}</description>")
     if creation_time is not None:
         parts.append(f"<creationTime>{int(creation_time)}</creationTime>")
-    parts.append("<disks>")
-    for d in disks:
-        if d.can_bitmap:
-            parts.append(f"<disk name={quoteattr(d.target)} checkpoint='bitmap' "
-                         f"bitmap={quoteattr(name)}/>")
+    parts.append(_checkpoint_disks({d.target: name if d.can_bitmap else None for d in disks}))
+    parts.append("</domaincheckpoint>")
+    return "".join(parts)
+
+
+def _checkpoint_disks(disks: dict[str, str | None]) -> str:
+    """<disks> of a checkpoint: target -> bitmap name, or None for checkpoint='no'."""
+    parts = ["<disks>"]
+    for target, bitmap in disks.items():
+        if bitmap:
+            parts.append(f"<disk name={quoteattr(target)} checkpoint='bitmap' "
+                         f"bitmap={quoteattr(bitmap)}/>")
         else:
-            parts.append(f"<disk name={quoteattr(d.target)} checkpoint='no'/>")
-    parts.append("</disks></domaincheckpoint>")
+            parts.append(f"<disk name={quoteattr(target)} checkpoint='no'/>")
+    parts.append("</disks>")
     return "".join(parts)
 
 
@@ -127,14 +134,9 @@ def redefine_xml(info: CheckpointInfo) -> str:
     parts = [f"<domaincheckpoint><name>{_text(info.name)}</name>"]
     if info.parent:
         parts.append(f"<parent><name>{_text(info.parent)}</name></parent>")
-    parts.append(f"<creationTime>{info.creation_time}</creationTime><disks>")
-    for target, bitmap in info.disks.items():
-        if bitmap:
-            parts.append(f"<disk name={quoteattr(target)} checkpoint='bitmap' "
-                         f"bitmap={quoteattr(bitmap)}/>")
-        else:
-            parts.append(f"<disk name={quoteattr(target)} checkpoint='no'/>")
-    parts.append("</disks></domaincheckpoint>")
+    parts.append(f"<creationTime>{info.creation_time}</creationTime>")
+    parts.append(_checkpoint_disks(info.disks))
+    parts.append("</domaincheckpoint>")
     return "".join(parts)
 
 
