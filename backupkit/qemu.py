@@ -77,7 +77,7 @@ def _run(cmd: list[str], runner: proc.Runner | None) -> bytes:
     try:
         return (runner or proc.run)(cmd)
     except CommandFailed as e:
-        if "No such file" in e.stderr or "Could not open" in e.stderr and "No such" in e.stderr:
+        if "No such file or directory" in e.stderr:
             raise NotFound("image", cmd[-1], e.stderr) from e
         raise
 
