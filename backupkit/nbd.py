@@ -51,9 +51,14 @@ class Client:
             raise NbdError(f"connect {socket_path} export {export!r}", str(e)) from e
         self.dirty = dirty
         self.export = export
+        self.socket_path = socket_path
         if dirty and self._c.dirty_bitmap is None:
             self._c.close()
             raise NbdError(f"export {export!r}", "server exports no dirty bitmap")
+
+    def clone(self) -> Client:
+        """Another connection to the same export, without the dirty bitmap (for reads)."""
+        return Client(self.socket_path, self.export)
 
     @property
     def size(self) -> int:
