@@ -6,17 +6,19 @@ bitmap; a partly dirty slot starts from the parent backup's chunk (read from
 the repository, hash-checked) and only the dirty ranges are read from NBD, so
 bytes read stay close to bytes written whatever the chunk size.
 
-Reads happen on the calling thread; hashing, compression and storing run on
-``workers`` threads (hashlib and zstandard release the GIL) with a bounded
-pool of reused buffers, so memory stays flat whatever the disk size.
+Several NBD connections read different slots in parallel (libvirt's pull
+export and qemu-nbd allow multi-conn); each reading thread hashes, compresses
+and stores the chunk it read (hashlib, zstandard, socket and file I/O release
+the GIL), so reads, compression and writes of different chunks overlap.  Each
+thread reuses one chunk buffer and slots are taken one at a time from the
+streamed block status, so memory stays flat whatever the disk size.  Data
+segments of a slot separated by small gaps are read in one request.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from backupkit import faults
@@ -24,6 +26,9 @@ from backupkit.nbd import Client, Extent
 from backupkit.repo import Index, Repository
 
 Progress = Callable[[int], None]
+
+CONNECTIONS = 4  # NBD connections (and reading threads) per disk
+COALESCE_GAP = 256 * 1024  # read across gaps up to this (and chunk/4) in one request
 
 
 @dataclass
@@ -66,71 +71,132 @@ def slot_segments(extents: Iterable[Extent], chunk_size: int, dirty_only: bool
         yield current, segs
 
 
+def read_plan(segs: list[Segment], start: int, length: int, gap: int
+              ) -> tuple[list[tuple[int, int]], bool]:
+    """The NBD reads for one slot, as (absolute offset, length), and whether they cover it.
+
+    Data segments closer than ``gap`` are read in one request (reading the
+    gap too is always correct: the export shows the disk as it is now, and a
+    clean gap holds what the parent chunk holds).  A slot whose segments
+    leave at most ``gap`` bytes uncovered is read whole, sparing the parent
+    chunk's read from the repository.  Zero segments outside the reads are
+    filled with zeros by the caller.
+    """
+    covered = sum(s.length for s in segs)
+    if covered < length and length - covered <= gap and not all(s.zero for s in segs):
+        return [(start, length)], True
+    reads: list[list[int]] = []
+    for s in segs:
+        if s.zero:
+            continue
+        if reads and s.start - reads[-1][1] <= gap:
+            reads[-1][1] = s.start + s.length
+        else:
+            reads.append([s.start, s.start + s.length])
+    return [(a, b - a) for a, b in reads], _covers(segs, start, length)
+
+
 def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers: int = 2,
-              progress: Progress | None = None) -> CopyResult:
-    """Back up the export behind client; incremental when parent is given."""
+              connections: int = CONNECTIONS, progress: Progress | None = None) -> CopyResult:
+    """Back up the export behind client; incremental when parent is given.
+
+    ``connections`` NBD connections read in parallel (client plus clones of
+    it), each on its own thread that also hashes, compresses and stores what
+    it read; there are max(workers, connections) threads in all.  Block status
+    goes over client, one slot at a time, under a lock.
+    """
     cs = repo.chunk_size
     size = client.size
     incremental = parent is not None
     index = parent.copy() if parent is not None else Index(size, cs)
     result = CopyResult(index)
-    buffers: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(workers * 2 + 1):
-        buffers.put(bytearray(cs))
-    lock = threading.Lock()
+    zeros = memoryview(bytes(cs))
+    gap = min(COALESCE_GAP, cs // 4)
+    lock = threading.Lock()  # the slot iterator, the index and the counters
+    stop = threading.Event()
     errors: list[BaseException] = []
+    stored_chunks = [0]
+    slots = slot_segments(client.extents(), cs, dirty_only=incremental)
 
-    def store(slot: int, buf: bytearray, length: int) -> None:
-        try:
-            digest, stored = repo.put_chunk(memoryview(buf)[:length])
+    clients = [client]
+    try:
+        for _ in range(1, max(1, connections)):
+            clients.append(client.clone())
+    except Exception:
+        for c in clients[1:]:
+            c.close()
+        raise
+    # One lock per connection: client also serves block status, and threads
+    # may outnumber connections.
+    conns = [(c, threading.Lock()) for c in clients]
+    main_lock = conns[0][1]
+    nthreads = max(workers, len(conns))
+
+    def next_slot() -> tuple[int, list[Segment]] | None:
+        with lock, main_lock:
+            return next(slots, None)
+
+    def copy_slot(conn: Client, conn_lock: threading.Lock, buf: bytearray, slot: int,
+                  segs: list[Segment]) -> None:
+        start = slot * cs
+        length = min(cs, size - start)
+        if all(s.zero for s in segs) and _covers(segs, start, length):
             with lock:
-                index[slot] = digest
-                result.stored_bytes += stored
-        except BaseException as e:
-            errors.append(e)
-            raise
-        finally:
-            buffers.put(buf)
-
-    extents = client.extents()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk") as pool:
-        pending: list[Future[None]] = []
-        submitted = 0
-        for slot, segs in slot_segments(extents, cs, dirty_only=incremental):
-            if errors:
-                break
-            start = slot * cs
-            length = min(cs, size - start)
-            if all(s.zero for s in segs) and _covers(segs, start, length):
                 index[slot] = None  # entirely zero now: a hole, nothing to read
                 if progress:
                     progress(length)
-                continue
-            buf = buffers.get()
-            view = memoryview(buf)[:length]
-            if not _covers(segs, start, length):
-                # Partly dirty: the clean part is the parent's chunk (hash-checked).
-                old = index[slot] if incremental else None
-                view[:] = repo.get_chunk(old) if old is not None else bytes(length)
-            for s in segs:
-                off = s.start - start
-                if s.zero:
-                    view[off:off + s.length] = bytes(s.length)
-                else:
-                    client.readinto(s.start, view[off:off + s.length])
-                    result.read_bytes += s.length
-            pending.append(pool.submit(store, slot, buf, length))
-            submitted += 1
-            if submitted == 2 and faults.armed("mid_data"):
-                for f in pending:
-                    f.result()
-                faults.point("mid_data")
+            return
+        view = memoryview(buf)[:length]
+        reads, covered = read_plan(segs, start, length, gap)
+        if not covered:
+            # Partly dirty: the clean part is the parent's chunk (hash-checked).
+            old = index[slot] if incremental else None
+            view[:] = repo.get_chunk(old) if old is not None else zeros[:length]
+        for s in segs:
+            if s.zero:
+                view[s.start - start:s.start - start + s.length] = zeros[:s.length]
+        nread = 0
+        with conn_lock:
+            for off, n in reads:
+                conn.readinto(off, view[off - start:off - start + n])
+                nread += n
+        digest, stored = repo.put_chunk(view)
+        with lock:
+            index[slot] = digest
+            result.read_bytes += nread
+            result.stored_bytes += stored
+            stored_chunks[0] += 1
+            second = stored_chunks[0] == 2
             if progress:
                 progress(length)
-            if len(pending) > workers * 4:
-                pending = [f for f in pending if not f.done()]
-        for f in pending:
-            f.result()
+        if second and faults.armed("mid_data"):
+            faults.point("mid_data")  # two chunks stored, others may be in flight
+
+    def work(i: int) -> None:
+        conn, conn_lock = conns[i % len(conns)]
+        buf = bytearray(cs)  # reused for every chunk of this thread
+        try:
+            while not stop.is_set():
+                item = next_slot()
+                if item is None:
+                    return
+                copy_slot(conn, conn_lock, buf, *item)
+        except BaseException as e:
+            stop.set()
+            with lock:
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"copy-{i}", daemon=True)
+               for i in range(nthreads)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        for c in clients[1:]:
+            c.close()
     if errors:
         raise errors[0]
     return result
