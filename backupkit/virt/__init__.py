@@ -170,7 +170,7 @@ class Domain:
             yield window
         finally:
             try:
-                self._dom.fsThaw(None, 0)
+                _call("fsThaw", self._dom.fsThaw, None, 0, name=self.name)
             finally:
                 window["seconds"] = time.monotonic() - start
 
