@@ -27,7 +27,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -296,15 +296,17 @@ class _Backup:
                 state = (_running_bitmap_state(self.dom, d, prev.checkpoint, live) if running
                          else _cold_bitmap_state(d, prev.checkpoint))
             states.append(DiskState(d.target, d.format, sizes[d.target], state))
-        plan = choose_mode(self.req.mode, self.req.domain, prev, known, states)
-        if plan.mode == "incremental" and running and prev and prev.checkpoint:
-            # libvirt's own view: fails on a missing or broken bitmap.
+        if known and running and prev and prev.checkpoint \
+                and all(st.bitmap == "ok" for st in states if st.format == "qcow2"):
+            # libvirt's own view too: it refuses a missing or broken bitmap.
             try:
                 self.dom.checkpoint_size(prev.checkpoint)
             except Error as e:
-                plan = choose_mode(self.req.mode, self.req.domain, prev, False, states) \
-                    if self.req.mode != "incremental" else _raise_mode(self.req.domain, str(e))
-        return plan
+                refused = f"refused by libvirt ({e})"
+                states = [DiskState(st.target, st.format, st.virtual_size,
+                                    refused if st.format == "qcow2" else st.bitmap)
+                          for st in states]
+        return choose_mode(self.req.mode, self.req.domain, prev, known, states)
 
     # -- run --------------------------------------------------------------------
 
@@ -371,6 +373,27 @@ class _Backup:
                          index=ref, mode=mode, reason=reason)
         return rec
 
+    def _copy_and_commit(
+            self, disks: list[vxml.Disk], plan: Plan, backup_id: str, checkpoint: str,
+            cp_xml: str | None, domain_xml: str, freeze: float | None, quiesced: bool,
+            export: Callable[[vxml.Disk, bool], contextlib.AbstractContextManager[Client]],
+    ) -> Manifest:
+        """Copy every disk from its export, write the indexes, then commit the manifest."""
+        if self.hooks.job_started:
+            self.hooks.job_started()
+        faults.point("before_first_chunk")
+        records = []
+        for d in disks:
+            with export(d, plan.disk_modes[d.target][0] == "incremental") as client:
+                records.append(self._copy(client, d, plan, backup_id))
+        manifest = self._manifest(plan, backup_id, checkpoint, cp_xml, records, domain_xml,
+                                  freeze, quiesced)
+        faults.point("after_index")
+        if self.hooks.before_commit:
+            self.hooks.before_commit()
+        self.repo.commit(manifest)
+        return manifest
+
     def _run_live(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
                   checkpoint: str) -> Manifest:
         os.makedirs(self.req.scratch_dir, exist_ok=True)
@@ -409,29 +432,24 @@ class _Backup:
             if not created:
                 self.dom.backup_begin(backup_xml, cp_xml)
                 created = True
-            if self.hooks.job_started:
-                self.hooks.job_started()
-            faults.point("before_first_chunk")
             stored_cp_xml = self.dom.checkpoint_xml(checkpoint)
-            records = []
-            for d in disks:
-                with Client(sock, d.target, dirty=plan.disk_modes[d.target][0] ==
-                            "incremental") as client:
-                    records.append(self._copy(client, d, plan, backup_id))
-            manifest = self._manifest(plan, backup_id, checkpoint, stored_cp_xml, records,
-                                      domain_xml, freeze, quiesced)
-            faults.point("after_index")
-            if self.hooks.before_commit:
-                self.hooks.before_commit()
-            self.repo.commit(manifest)
-            faults.point("after_manifest")
+
+            def export(d: vxml.Disk, incremental: bool) -> Client:
+                return Client(sock, d.target, dirty=incremental)
+
+            manifest = self._copy_and_commit(disks, plan, backup_id, checkpoint, stored_cp_xml,
+                                             domain_xml, freeze, quiesced, export)
         except BaseException:
+            # Not committed: end the job and drop the new checkpoint, so the previous
+            # checkpoint (still recording every write) serves the next incremental.
             with contextlib.suppress(Error):
                 self.dom.abort_job()
             if created:
                 with contextlib.suppress(Error):
                     delete_checkpoint(self.dom, checkpoint, running=True)
             raise
+        # Committed: from here on the new checkpoint must survive whatever happens.
+        faults.point("after_manifest")
         self.dom.abort_job()
         return manifest
 
@@ -453,23 +471,16 @@ class _Backup:
                 if d.can_bitmap:
                     qemu.bitmap_add(d.path, checkpoint)
                     added.append(d)
-            if self.hooks.job_started:
-                self.hooks.job_started()
-            faults.point("before_first_chunk")
-            records = []
-            for d in disks:
-                mode = plan.disk_modes[d.target][0]
+
+            @contextlib.contextmanager
+            def export(d: vxml.Disk, incremental: bool) -> Iterator[Client]:
                 with QemuNbd(d.path, d.format, f"{prefix}.{d.target}.sock", export=d.target,
-                             read_only=True,
-                             bitmap=prev_cp if mode == "incremental" else None) as server, \
-                        server.client(dirty=mode == "incremental") as client:
-                    records.append(self._copy(client, d, plan, backup_id))
-            manifest = self._manifest(plan, backup_id, checkpoint, cp_xml, records,
-                                      domain_xml, None, False)
-            faults.point("after_index")
-            if self.hooks.before_commit:
-                self.hooks.before_commit()
-            self.repo.commit(manifest)
+                             read_only=True, bitmap=prev_cp if incremental else None) as server, \
+                        server.client(dirty=incremental) as client:
+                    yield client
+
+            manifest = self._copy_and_commit(disks, plan, backup_id, checkpoint, cp_xml,
+                                             domain_xml, None, False, export)
         except BaseException:
             for d in added:
                 with contextlib.suppress(Error):
@@ -484,10 +495,6 @@ class _Backup:
             log.warning("%s: %s", self.req.domain, msg)
             self.warnings.append(msg)
         return manifest
-
-
-def _raise_mode(domain: str, reason: str) -> Plan:
-    raise ModeUnavailable(domain, reason)
 
 
 def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:
