@@ -20,6 +20,9 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
+# Tests report libvirt errors themselves; silence libvirt's default stderr handler.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
 URI = os.environ.get("BACKUPKIT_TEST_URI", "qemu:///system")
 MiB = 1 << 20
 GiB = 1 << 30
