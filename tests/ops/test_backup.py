@@ -236,3 +236,26 @@ def test_excluded_and_unknown_disks(
 
     with pytest.raises(NotFound):
         do_backup(repo, conn, td, scratch_dir, disks=("vdz",))
+
+
+def test_several_domains_one_failure_exits_6(
+        make_domain: Callable[..., rig.TestDomain], repo: Repository, repo_path: Path,
+        tmp_path: Path) -> None:
+    a = make_domain([("qcow2", 16 * MiB)])
+    b = make_domain([("qcow2", 16 * MiB)], running=False)
+    cfg = tmp_path / "bk.toml"
+    cfg.write_text(f'repository = "{repo_path}"\nscratch_dir = "{tmp_path / "s"}"\n')
+    cp = run_cli("--config", str(cfg), "--json", "backup", a.name, "no-such-vm", b.name)
+    assert cp.returncode == 6, cp.stderr
+    import json
+
+    doc = json.loads(cp.stdout)["error"]
+    assert doc["kind"] == "partial"
+    assert [r["domain"] for r in doc["result"]["backups"]] == [a.name, b.name]
+    assert [f["domain"] for f in doc["result"]["failed"]] == ["no-such-vm"]
+    assert doc["result"]["failed"][0]["exit_code"] == 4
+    # Human form: one row per domain with its outcome.
+    cp = run_cli("--config", str(cfg), "backup", a.name, "no-such-vm")
+    assert cp.returncode == 6
+    rows = [line for line in cp.stdout.splitlines() if a.name in line or "no-such-vm" in line]
+    assert len(rows) == 2, cp.stdout
