@@ -513,15 +513,12 @@ def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:
             dom.delete_checkpoint(name, metadata_only=True)
         return
     for d in dom.disks():
-        for layer in [d.path, *(b.path for b in d.backing)]:
-            if layer.endswith(".raw"):
-                continue
-            try:
-                img = qemu.info(layer, force_share=False)
-            except Error:
-                continue
-            if img.format == "qcow2" and img.bitmap(name) is not None:
-                qemu.bitmap_remove(layer, name)
+        if not d.can_bitmap:
+            continue
+        # The real chain from the image itself: a shut-off domain's XML has no <backingStore>.
+        for layer in qemu.chain(d.path, force_share=False):
+            if layer.format == "qcow2" and layer.bitmap(name) is not None:
+                qemu.bitmap_remove(layer.filename, name)
     with contextlib.suppress(NotFound):
         dom.delete_checkpoint(name, metadata_only=True)
 

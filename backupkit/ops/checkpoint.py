@@ -19,23 +19,27 @@ def _bitmap_states(dom: Domain) -> dict[str, dict[str, dict[str, Any]]]:
     states: dict[str, dict[str, dict[str, Any]]] = {}
     for d in dom.disks():
         per: dict[str, dict[str, Any]] = {}
-        for layer in [d.path, *(b.path for b in d.backing)]:
-            if running:
-                for b in live.get(layer, []):
+        if running:
+            layers = [(d.path, live.get(d.path, []))]
+            layers += [(b.path, live.get(b.path, [])) for b in d.backing]
+            for path, bitmaps in layers:
+                for b in bitmaps:
                     e = per.setdefault(b["name"], {"layers": []})
-                    e["layers"].append(layer)
-                    if layer == d.path:
+                    e["layers"].append(path)
+                    if path == d.path:
                         e["recording"] = bool(b.get("recording"))
                         e["consistent"] = not b.get("inconsistent", False)
-            else:
-                try:
-                    img = qemu.info(layer, force_share=True)
-                except Error:
-                    continue
+        elif d.can_bitmap:
+            # Shut off: the chain from the images (the inactive XML has no <backingStore>).
+            try:
+                chain = qemu.chain(d.path, force_share=True)
+            except Error:
+                chain = []
+            for img in chain:
                 for bm in img.bitmaps:
                     e = per.setdefault(bm.name, {"layers": []})
-                    e["layers"].append(layer)
-                    if layer == d.path:
+                    e["layers"].append(img.filename)
+                    if img is chain[0]:
                         e["recording"] = bm.recording
                         e["consistent"] = not bm.in_use
         states[d.target] = per
