@@ -270,7 +270,7 @@ class Conn:
         except libvirt.libvirtError:
             with contextlib.suppress(libvirt.libvirtError):
                 self._c.close()
-            for _ in range(50):
+            for _ in range(300):
                 try:
                     self._c = libvirt.open(URI)
                     break
@@ -296,8 +296,15 @@ class BenchDomain:
     def guest_write(self, off: int, length: int, source: Path) -> None:
         cmd = f"write -q -s {source} {off} {length}"
         hmp = f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{cmd}"'
-        out = libvirt_qemu.qemuMonitorCommand(
-            self.dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        for attempt in range(30):  # the same write again is harmless
+            try:
+                out = libvirt_qemu.qemuMonitorCommand(
+                    self.dom, hmp, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+                break
+            except libvirt.libvirtError:  # libvirtd restarted by someone else
+                if attempt == 29:
+                    raise
+                time.sleep(2)
         if "error" in out.lower() or "fail" in out.lower():
             raise RuntimeError(f"guest write failed: {out}")
 
@@ -396,9 +403,18 @@ class Bench:
     # -- helpers -------------------------------------------------------------
 
     def cli(self, label: str, repo: Path, *args: str, cold: bool = True) -> Run:
+        argv = [sys.executable, "-m", "backupkit", "--repo", str(repo), "--json", "-q", *args]
         drop_caches(self.cold and cold)
-        r = run([sys.executable, "-m", "backupkit", "--repo", str(repo), "--json", "-q", *args],
-                env=self.env)
+        r = run(argv, env=self.env, check=False)
+        if r.rc != 0 and "libvirt" in r.stderr.lower():
+            # Other users of this machine restart libvirtd: note it and try once more.
+            log(f"{label} failed ({r.stderr.strip()[-200:]}); retrying once")
+            self.info.setdefault("retried", []).append(label)
+            time.sleep(5)
+            drop_caches(self.cold and cold)
+            r = run(argv, env=self.env, check=False)
+        if r.rc != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {r.rc}:\n{r.stderr[-3000:]}")
         self.rss[label] = max(self.rss.get(label, 0), r.max_rss_kib)
         return r
 
@@ -469,7 +485,9 @@ class Bench:
         out.unlink()
         self.add(Row("nbdcopy export -> file (copy limit)", copy_s, alloc))
 
-        self.cli("init", repo, "init", "--chunk-size", cs)
+        self.cli("init", repo, "init", "--chunk-size", cs,
+                 *(["--compression-level", str(self.args.compression_level)]
+                   if self.args.compression_level is not None else []))
         full = self.cli("backup full", repo, "backup", main.name)
         fj = full.json()
         assert fj["mode"] == "full", fj
@@ -592,10 +610,12 @@ class Bench:
     def chunk_sweep(self) -> None:
         main = self.domains[0]
         alloc = self.info["allocated_bytes"]
-        for i, cs_text in enumerate(s for s in self.args.sweep.split(",") if s):
+        for i, spec in enumerate(s for s in self.args.sweep.split(",") if s):
+            cs_text, _, level = spec.partition(":")  # "1M:1": chunk size 1M, zstd level 1
             cs = parse_size(cs_text)
-            repo = self.work / f"repo-sweep-{cs}"
-            self.cli("init", repo, "init", "--chunk-size", str(cs))
+            repo = self.work / f"repo-sweep-{i}"
+            self.cli("init", repo, "init", "--chunk-size", str(cs),
+                     *(["--compression-level", level] if level else []))
             full = self.cli("backup full", repo, "backup", main.name)
             fj = full.json()
             dirty, _ = self.apply_writes(0.01, self.args.seed + 1000 + i)
@@ -603,7 +623,8 @@ class Bench:
             ij = inc.json()
             index = next((repo / "backups" / main.name).glob(f"{fj['id']}/vda.index"))
             entry = {
-                "chunk_size": cs, "full_seconds": round(full.seconds, 3),
+                "chunk_size": cs, "compression_level": int(level) if level else None,
+                "full_seconds": round(full.seconds, 3),
                 "full_mbps": round(alloc / MB / full.seconds, 1),
                 "full_rss_mib": round(full.max_rss_kib / 1024, 1),
                 "index_bytes": index.stat().st_size,
@@ -613,7 +634,7 @@ class Bench:
                 "stored_amplification": round(ij["stored_bytes"] / dirty, 3),
             }
             self.sweep.append(entry)
-            log(f"sweep {cs_text}: {entry}")
+            log(f"sweep {spec}: {entry}")
             shutil.rmtree(repo)
 
     def cleanup(self) -> None:
@@ -668,7 +689,8 @@ def render(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines.append(f"disk {a['size']} ({human(info['allocated_bytes'])} allocated: "
                  f"{human(info['layout']['text'])} text, {human(info['layout']['random'])} "
-                 f"random), chunk size {a['chunk_size']}, caches "
+                 f"random), chunk size {a['chunk_size']}, zstd level "
+                 f"{a['compression_level'] or 'default (3)'}, caches "
                  f"{'warm' if a['warm'] else 'dropped before each timed step'}")
     lines.append(f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, {m['qemu']}, "
                  f"libvirt {m['libvirt']}, Python {m['python']}")
@@ -701,12 +723,13 @@ def render(doc: dict[str, Any]) -> str:
            "; virtnbdbackup: not run"))
     if doc["chunk_sweep"]:
         lines.append("")
-        lines.append("| chunk size | full s | full MB/s | full RSS MiB | index bytes | "
-                     "repo after full | inc 1% s | read amp | stored / dirty |")
-        lines.append("|" + "---|" * 9)
+        lines.append("| chunk size | zstd level | full s | full MB/s | full RSS MiB | "
+                     "index bytes | repo after full | inc 1% s | read amp | stored / dirty |")
+        lines.append("|" + "---|" * 10)
         for s in doc["chunk_sweep"]:
             lines.append(
-                f"| {human(s['chunk_size'])} | {s['full_seconds']:.2f} | {s['full_mbps']} | "
+                f"| {human(s['chunk_size'])} | {s['compression_level'] or 'default'} | "
+                f"{s['full_seconds']:.2f} | {s['full_mbps']} | "
                 f"{s['full_rss_mib']} | {s['index_bytes']} | {human(s['repo_bytes_after_full'])}"
                 f" | {s['inc_seconds']:.2f} | {s['read_amplification']} | "
                 f"{s['stored_amplification']} |")
@@ -717,8 +740,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--size", default="4G", help="virtual disk size (default 4G)")
     p.add_argument("--chunk-size", default="1M", help="chunk size of the main run (default 1M)")
-    p.add_argument("--sweep", default="256K,1M,4M",
-                   help="comma-separated chunk sizes to sweep ('' for none)")
+    p.add_argument("--compression-level", type=int, default=None,
+                   help="zstd level of the main run's repository (default: backupkit's)")
+    p.add_argument("--sweep", default="256K,1M,4M,1M:1",
+                   help="comma-separated chunk sizes to sweep, SIZE:LEVEL for a zstd level "
+                        "('' for none)")
     p.add_argument("--seed", type=int, default=20240601)
     p.add_argument("--no-peer", action="store_true", help="skip virtnbdbackup")
     p.add_argument("--warm", action="store_true", help="do not drop page caches")
