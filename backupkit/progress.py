@@ -29,6 +29,7 @@ def progress_factory(args: argparse.Namespace) -> Callable[[str, int], Progress 
         def update(n: int) -> None:
             bar.update(n)
             if bar.total and bar.n >= bar.total:
+                bar.refresh()  # draw the final state: tqdm throttles redraws
                 bar.close()
 
         return update
