@@ -724,7 +724,7 @@ def render(doc: dict[str, Any]) -> str:
     if doc["chunk_sweep"]:
         lines.append("")
         lines.append("| chunk size | zstd level | full s | full MB/s | full RSS MiB | "
-                     "index bytes | repo after full | inc 1% s | read amp | stored / dirty |")
+                     "index bytes | repo after full+inc | inc 1% s | read amp | stored / dirty |")
         lines.append("|" + "---|" * 10)
         for s in doc["chunk_sweep"]:
             lines.append(
