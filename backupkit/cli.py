@@ -59,7 +59,8 @@ def build_parser() -> ArgumentParser:
     s = sub.add_parser("init", help="create an empty repository")
     s.add_argument("--chunk-size", type=_size, metavar="BYTES",
                    help="chunk size (power of two, 64K..16M; default from config, 1M)")
-    s.add_argument("--compression-level", type=int, metavar="N", help="zstd level (default 3)")
+    s.add_argument("--compression-level", type=int, metavar="N",
+                   help="zstd level recorded in the repository (default from config, 1)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("backup", help="back up domains (full or incremental)")
@@ -233,7 +234,8 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
             return op.Request(
                 domain=name, mode=args.mode or s.mode, disks=tuple(args.disk),
                 exclude=tuple(args.exclude_disk) + s.exclude_disks, quiesce=quiesce,
-                workers=s.workers, scratch_dir=cfg.scratch_dir,
+                workers=s.workers, compression_level=s.compression_level,
+                scratch_dir=cfg.scratch_dir,
                 lock_wait=_lock_wait(args, cfg))
 
         hooks = op.Hooks(progress_start=progress_factory(args))

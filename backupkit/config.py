@@ -30,7 +30,7 @@ class DomainSettings:
     exclude_disks: tuple[str, ...] = ()
     quiesce: bool | str = False
     workers: int = 2
-    compression_level: int = 3
+    compression_level: int = 1
 
 
 @dataclass(frozen=True)

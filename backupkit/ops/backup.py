@@ -60,6 +60,7 @@ class Request:
     exclude: tuple[str, ...] = ()
     quiesce: bool | str = False  # True, False or "try"
     workers: int = 2
+    compression_level: int | None = None  # zstd level for new chunks (None: the repository's)
     scratch_dir: str = "/var/lib/backupkit/scratch"
     lock_wait: float = 0.0
 
@@ -363,6 +364,7 @@ class _Backup:
             progress = self.hooks.progress_start(disk.target, client.size)
         t = time.monotonic()
         res = copy_disk(client, self.repo, parent=parent_index, workers=self.req.workers,
+                        level=self.req.compression_level,
                         progress=progress)
         ref = self.repo.write_index(self.req.domain, backup_id, disk.target, res.index)
         log.info("%s: disk %s %s: read %d bytes, stored %d bytes in %.1fs", self.req.domain,

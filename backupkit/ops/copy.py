@@ -97,7 +97,8 @@ def read_plan(segs: list[Segment], start: int, length: int, gap: int
 
 
 def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers: int = 2,
-              connections: int = CONNECTIONS, progress: Progress | None = None) -> CopyResult:
+              connections: int = CONNECTIONS, progress: Progress | None = None,
+              level: int | None = None) -> CopyResult:
     """Back up the export behind client; incremental when parent is given.
 
     ``connections`` NBD connections read in parallel (client plus clones of
@@ -160,7 +161,7 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
             for off, n in reads:
                 conn.readinto(off, view[off - start:off - start + n])
                 nread += n
-        digest, stored = repo.put_chunk(view)
+        digest, stored = repo.put_chunk(view, level)
         with lock:
             index[slot] = digest
             result.read_bytes += nread

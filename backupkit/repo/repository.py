@@ -85,7 +85,7 @@ class Repository:
 
     @classmethod
     def init(cls, path: str, *, chunk_size: int = 1 << 20,
-             compression_level: int = 3) -> Repository:
+             compression_level: int = 1) -> Repository:
         path = os.path.abspath(path)
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
             raise UsageError(f"chunk size must be a power of two between {MIN_CHUNK} "
@@ -163,11 +163,15 @@ class Repository:
         now = (now or datetime.now(UTC)).astimezone(UTC)
         return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
-    def _cctx(self) -> Any:
-        c = getattr(self._tls, "cctx", None)
+    def _cctx(self, level: int | None = None) -> Any:
+        """This thread's compressor for level (default: the repository's level)."""
+        level = self.compression_level if level is None else level
+        cache = getattr(self._tls, "cctx", None)
+        if cache is None:
+            cache = self._tls.cctx = {}
+        c = cache.get(level)
         if c is None:
-            c = self._tls.cctx = zstandard.ZstdCompressor(
-                level=self.compression_level, write_content_size=True)
+            c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
         return c
 
     def _dctx(self) -> Any:
@@ -182,7 +186,7 @@ class Repository:
             d = self._zero_digests[n] = hashlib.sha256(bytes(n)).digest()
         return d
 
-    def put_chunk(self, data: Buffer) -> tuple[bytes | None, int]:
+    def put_chunk(self, data: Buffer, level: int | None = None) -> tuple[bytes | None, int]:
         """Store one chunk: (its sha256, compressed bytes newly written); (None, 0) for zeros.
 
         Thread-safe.  The chunk is published (made durable, then given its name)
@@ -197,7 +201,7 @@ class Repository:
         key = chunk_key(digest)
         if self.storage.exists(key):
             return digest, 0
-        comp = self._cctx().compress(data)
+        comp = self._cctx(level).compress(data)
         if len(comp) < n:
             parts: list[Buffer] = [_CODEC_ZSTD_B, comp]
         else:
