@@ -14,6 +14,7 @@ APT_PACKAGES=(
   e2fsprogs util-linux                  # mkfs, losetup (fault tests)
   groff-base man-db                     # man page checks
   systemd                               # systemd-analyze verify
+  time                                  # /usr/bin/time: peak RSS in bench/run.py
 )
 
 missing=()
