@@ -28,7 +28,8 @@ from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFail
 from backupkit.nbd import MAX_REQUEST, Client, QemuNbd
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
-from backupkit.repo.storage import Buffer
+from backupkit.repo.repository import chunk_key
+from backupkit.repo.storage import Buffer, LocalStorage
 
 log = logging.getLogger("backupkit.restore")
 
@@ -36,6 +37,13 @@ FORMATS = ("qcow2", "raw")
 DEFAULT_WORKERS = 4
 RAW_GRANULARITY = 4096  # filesystem block: zero blocks of this size are not written
 QCOW2_GRANULARITY = 65536  # default qcow2 cluster size
+# qemu-nbd's cache mode for the qcow2 being restored.  "writeback" makes qemu fdatasync
+# during cluster allocation (qcow2 metadata ordering): 2 GiB into qemu-nbd took 9.2 s vs
+# 4.7 s with "unsafe" (nbdcopy, warm source).  Unsafe only skips flushes: the NBD flush still
+# writes qemu's metadata caches into the file, and _restore_qcow2 fsyncs the file after
+# qemu-nbd exits and before the rename, as qemu-img convert (whose default is unsafe) would.
+QCOW2_CACHE = "unsafe"
+PREFETCH = 32  # chunk files the kernel is asked to read ahead of the workers
 
 Progress = Callable[[int], object]
 
@@ -77,9 +85,13 @@ class _Job:
 def _data_runs(view: memoryview, zero: bytes) -> list[tuple[int, int]]:
     """(start, end) of the runs of view that are not all zero, at len(zero) granularity."""
     gran = len(zero)
+    n = len(view)
+    # Fast path (almost every chunk): no zero block of gran bytes anywhere, aligned or
+    # not, found by one memmem in C instead of a Python loop over n/gran blocks.
+    if _find(view, zero) < 0:
+        return [(0, n)]
     runs: list[tuple[int, int]] = []
     start = -1
-    n = len(view)
     for pos in range(0, n, gran):
         if zero.startswith(view[pos:pos + gran]):  # memcmp, not a Python loop
             if start >= 0:
@@ -92,22 +104,72 @@ def _data_runs(view: memoryview, zero: bytes) -> list[tuple[int, int]]:
     return runs
 
 
+def _find(view: memoryview, sub: bytes) -> int:
+    """-1 if sub certainly does not occur in view, else a position to look at (C speed).
+
+    memoryview has no find(): search the object it views instead.  For a view into
+    a larger reused buffer a hit may lie outside the view (a false "maybe"); a miss
+    is always exact, which is all the fast path needs.
+    """
+    obj = view.obj
+    if isinstance(obj, bytes | bytearray):
+        return obj.find(sub)
+    return 0
+
+
+def _prefetch(repo: Repository, digest: bytes) -> None:
+    """Ask the kernel to start reading a chunk file (readahead), without waiting for it."""
+    storage = repo.storage
+    if not isinstance(storage, LocalStorage):
+        return
+    try:
+        fd = storage._open_file(chunk_key(digest))
+    except (OSError, NotFound, CorruptRepository):
+        return  # the worker reading it reports the problem
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
                  progress: Progress | None, granularity: int) -> None:
-    """Write every data chunk of index through the writers, one thread per writer."""
-    slots = iter(list(index.data_slots()))
+    """Write every data chunk of index through the writers, one thread per writer.
+
+    A prefetch thread keeps the kernel reading the next PREFETCH chunk files
+    (posix_fadvise WILLNEED), so the workers find them in the page cache instead
+    of waiting for one cold read each.
+    """
+    items = list(index.data_slots())
+    slots = iter(items)
     lock = threading.Lock()
+    taken = threading.Condition(lock)
+    ntaken = 0
     stop = threading.Event()
     errors: list[BaseException] = []
     cs = repo.chunk_size
     zero = bytes(granularity)
 
+    def prefetch() -> None:
+        for i, (_slot, digest) in enumerate(items):
+            with taken:
+                while i >= ntaken + PREFETCH and not stop.is_set():
+                    taken.wait(0.5)
+            if stop.is_set():
+                return
+            _prefetch(repo, digest)
+
     def work(writer: _Writer) -> None:
+        nonlocal ntaken
         buf = bytearray(cs + 1)
         try:
             while not stop.is_set():
                 with lock:
                     item = next(slots, None)
+                    ntaken += 1
+                    taken.notify()
                 if item is None:
                     return
                 slot, digest = item
@@ -131,9 +193,16 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
 
     threads = [threading.Thread(target=work, args=(w,), name=f"restore-{i}", daemon=True)
                for i, w in enumerate(writers)]
+    if PREFETCH:
+        threads.append(threading.Thread(target=prefetch, name="restore-prefetch", daemon=True))
     for t in threads:
         t.start()
-    for t in threads:
+    for t in threads[:len(writers)]:
+        t.join()
+    stop.set()
+    with taken:
+        taken.notify_all()
+    for t in threads[len(writers):]:
         t.join()
     if errors:
         raise errors[0]
@@ -169,7 +238,7 @@ def _write_qcow2(repo: Repository, job: _Job, workers: int,
     sockdir = tempfile.mkdtemp(prefix="backupkit-restore-")
     try:
         server = QemuNbd(job.tmp, "qcow2", os.path.join(sockdir, "nbd.sock"),
-                         read_only=False, shared=workers)
+                         read_only=False, shared=workers, cache=QCOW2_CACHE)
         with server:
             clients: list[Client] = []
             try:
