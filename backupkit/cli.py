@@ -9,6 +9,7 @@ message (the traceback only with -v).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,12 @@ Handler = Callable[[argparse.Namespace, config.Config], Any]
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors raise (exit 2, JSON document); no abbreviated options (--js is not --json)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:
         raise errors.UsageError(f"{self.prog}: {message}")
 
@@ -98,6 +105,7 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--define", metavar="NEW_NAME",
                    help="also define a new domain (new name, UUID and MACs) using the disks")
     s.add_argument("--force", action="store_true", help="overwrite existing files")
+    _wait(s)
     s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("verify", help="check manifests, indexes and (with --data) chunks")
@@ -324,10 +332,13 @@ def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
         m = repo.get_manifest(args.domain, args.backup)
         total = sum(d.data_bytes for d in m.disks if not args.disk or d.name in args.disk)
         progress = factory("restore", total)
-    return restore.restore(
-        repo, args.domain, args.backup, args.target,
-        fmt=args.format, disks=tuple(args.disk), define=args.define, force=args.force,
-        connect=_uri(args, cfg), progress=progress)
+    # The shared lock keeps gc from deleting chunks of a backup being restored (a prune
+    # racing the restore would otherwise look like repository damage).
+    with repo.lock_shared(_lock_wait(args, cfg)):
+        return restore.restore(
+            repo, args.domain, args.backup, args.target,
+            fmt=args.format, disks=tuple(args.disk), define=args.define, force=args.force,
+            connect=_uri(args, cfg), progress=progress)
 
 
 def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -350,7 +361,7 @@ def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
                           daily=given["daily"] or 0, weekly=given["weekly"] or 0,
                           monthly=given["monthly"] or 0, yearly=given["yearly"] or 0)
     return prune.prune(_open_repo(args, cfg, args.domain), args.domain, policy,
-                       dry_run=args.dry_run)
+                       dry_run=args.dry_run, wait=_lock_wait(args, cfg))
 
 
 def cmd_gc(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -410,17 +421,32 @@ def cmd_hygiene_check(args: argparse.Namespace, cfg: config.Config) -> Any:
 # --- main -----------------------------------------------------------------------
 
 
-def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
-    sys.stdout.flush()
+def _json_text(doc: Any) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
 
 
-def _print_human(doc: Any) -> None:
+def _human_text(doc: Any) -> str:
     from backupkit import render
 
     text = render.render(doc)
-    if text:
-        sys.stdout.write(text.rstrip("\n") + "\n")
+    return text.rstrip("\n") + "\n" if text else ""
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into head: not our failure to report
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+
+
+def _print_json(doc: Any) -> None:
+    _write(_json_text(doc))
+
+
+def _print_human(doc: Any) -> None:
+    _write(_human_text(doc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -433,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logsetup.setup(verbosity)
         cfg = config.load(args.config)
         result = args.func(args, cfg)
+        # Render inside the try: a rendering bug must still give one JSON document.
+        text = _json_text(result) if args.json else _human_text(result) if verbosity >= 0 else ""
     except errors.Error as e:
         if not logging.getLogger("backupkit").handlers:
             logsetup.setup(verbosity)
@@ -459,8 +487,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_json({"error": {"kind": "internal", "message": f"{type(e).__name__}: {e}",
                                    "exit_code": errors.EXIT_FAILED}})
         return errors.EXIT_FAILED
-    if args.json:
-        _print_json(result)
-    elif verbosity >= 0:
-        _print_human(result)
+    _write(text)
     return errors.EXIT_OK

@@ -47,3 +47,9 @@ def test_json_stdout_is_one_document_in_a_child_process(tmp_path: Path) -> None:
     assert cp.returncode == 4
     assert json.loads(cp.stdout)["error"]["kind"] == "not_found"
     assert "Traceback" not in cp.stderr
+
+
+def test_no_abbreviated_options(capsys: pytest.CaptureFixture[str]) -> None:
+    # "--js" must not silently mean "--json" (or anything else).
+    assert cli.main(["--js", "list"]) == 2
+    assert "unrecognized arguments: --js" in capsys.readouterr().err

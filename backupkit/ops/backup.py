@@ -320,24 +320,36 @@ class _Backup:
         checkpoint = PREFIX + backup_id
         log.info("%s: %s backup %s (%s)", self.req.domain, plan.mode, backup_id, plan.reason)
         prev_cp = plan.parent.checkpoint if plan.parent else None
-        if running:
-            manifest = self._run_live(disks, plan, backup_id, checkpoint)
-        else:
-            manifest = self._run_cold(disks, plan, backup_id, checkpoint)
-        # The backup is committed; the previous checkpoint is no longer needed.
-        for cp in self.dom.checkpoints():
-            if cp.name.startswith(PREFIX) and cp.name != checkpoint:
-                try:
-                    delete_checkpoint(self.dom, cp.name, running)
-                except Error as e:
-                    msg = f"could not delete old checkpoint {cp.name}: {e}"
-                    log.warning("%s: %s", self.req.domain, msg)
-                    self.warnings.append(msg)
+        try:
+            if running:
+                manifest = self._run_live(disks, plan, backup_id, checkpoint)
+            else:
+                manifest = self._run_cold(disks, plan, backup_id, checkpoint)
+        except BaseException:
+            # Chunks of this run not yet published must never be published by a later
+            # backup in this process: once we let go of the lock, gc may remove them.
+            self.repo.discard_pending()
+            raise
+        # The backup is committed: what follows is cleanup, and a failure here (libvirtd
+        # restarting, say) is a warning, never a failed backup; the next run finishes it.
+        try:
+            for cp in self.dom.checkpoints():
+                if cp.name.startswith(PREFIX) and cp.name != checkpoint:
+                    try:
+                        delete_checkpoint(self.dom, cp.name, running)
+                    except Error as e:
+                        self._warn(f"could not delete old checkpoint {cp.name}: {e}")
+        except Error as e:
+            self._warn(f"could not list checkpoints after the backup: {e}")
         result = summary(manifest)
         result["parent_checkpoint"] = prev_cp
         if self.warnings:
             result["warnings"] = self.warnings
         return result
+
+    def _warn(self, msg: str) -> None:
+        log.warning("%s: %s", self.req.domain, msg)
+        self.warnings.append(msg)
 
     def _manifest(self, plan: Plan, backup_id: str, checkpoint: str, cp_xml: str | None,
                   records: list[DiskRecord], domain_xml: str, freeze: float | None,
@@ -452,7 +464,10 @@ class _Backup:
             raise
         # Committed: from here on the new checkpoint must survive whatever happens.
         faults.point("after_manifest")
-        self.dom.abort_job()
+        try:
+            self.dom.abort_job()
+        except Error as e:
+            self._warn(f"could not end the backup job (the next run ends it): {e}")
         return manifest
 
     def _run_cold(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
@@ -493,9 +508,7 @@ class _Backup:
         try:
             self.dom.redefine_checkpoint(cp_xml)
         except Error as e:
-            msg = f"could not record checkpoint {checkpoint} in libvirt: {e}"
-            log.warning("%s: %s", self.req.domain, msg)
-            self.warnings.append(msg)
+            self._warn(f"could not record checkpoint {checkpoint} in libvirt: {e}")
         return manifest
 
 
@@ -553,8 +566,18 @@ def summary(m: Manifest) -> dict[str, Any]:
 
 def backup(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None = None
            ) -> dict[str, Any]:
-    """Back up one domain; raises on failure (nothing half-committed is visible)."""
-    with repo.lock_shared(wait=req.lock_wait), repo.lock_domain(req.domain, wait=req.lock_wait):
+    """Back up one domain; raises on failure (nothing half-committed is visible).
+
+    Holds the shared repository lock (so gc cannot delete a chunk this backup is
+    about to reference) and the domain's lock (one backup per domain at a time).
+    """
+    with repo.lock_shared(wait=req.lock_wait):
+        return _backup_locked(repo, conn, req, hooks)
+
+
+def _backup_locked(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
+                   ) -> dict[str, Any]:
+    with repo.lock_domain(req.domain, wait=req.lock_wait):
         return _Backup(repo, conn, req, hooks or Hooks()).run()
 
 
@@ -562,20 +585,32 @@ def backup_many(repo: Repository, conn: Connection, domains: Sequence[str],
                 make_request: Callable[[str], Request], hooks: Hooks | None = None,
                 on_result: Callable[[str, dict[str, Any] | None, Error | None], None]
                 | None = None) -> dict[str, Any]:
-    """Back up several domains in order; one failure does not stop the others."""
+    """Back up several domains in order; one failure does not stop the others.
+
+    The shared repository lock is held for the whole run: a gc waiting for it
+    cannot slip in between two domains and make the rest of the night busy.
+    """
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for name in domains:
-        try:
-            res = backup(repo, conn, make_request(name), hooks)
+    wait = max((make_request(n).lock_wait for n in domains), default=0.0)
+    with repo.lock_shared(wait=wait):
+        for name in domains:
+            try:
+                res = _backup_locked(repo, conn, make_request(name), hooks)
+            except Exception as e:  # one domain's failure, even a bug, must not cost the others
+                if isinstance(e, Error):
+                    err = e
+                else:
+                    log.exception("%s: unexpected error", name)
+                    err = OperationFailed(f"{type(e).__name__}: {e}")
+                log.error("%s: backup failed: %s", name, err)
+                failed.append({"domain": name, **err.to_json()})
+                if on_result:
+                    on_result(name, None, err)
+                continue
             results.append(res)
             if on_result:
                 on_result(name, res, None)
-        except Error as e:
-            log.error("%s: backup failed: %s", name, e)
-            failed.append({"domain": name, **e.to_json()})
-            if on_result:
-                on_result(name, None, e)
     doc = {"backups": results, "failed": failed}
     if failed and results:
         raise Partial(f"{len(failed)} of {len(domains)} domains failed: "

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from backupkit import faults
+from backupkit.errors import OperationFailed
 from backupkit.nbd import Client, Extent
 from backupkit.repo import Index, Repository
 
@@ -109,6 +110,10 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     cs = repo.chunk_size
     size = client.size
     incremental = parent is not None
+    if parent is not None and parent.virtual_size != size:
+        # The disk was resized after the mode was chosen: the parent's index cannot describe it.
+        raise OperationFailed(f"disk {client.export} changed size during the backup "
+                              f"({parent.virtual_size} -> {size} bytes); the next run is full")
     index = parent.copy() if parent is not None else Index(size, cs)
     result = CopyResult(index)
     zeros = memoryview(bytes(cs))

@@ -270,6 +270,10 @@ class Repository:
 
     # -- indexes and manifests -------------------------------------------------
 
+    def discard_pending(self) -> None:
+        """A backup failed: its chunks not yet published are dropped (gc may remove them)."""
+        self.storage.discard_pending()
+
     def write_index(self, domain: str, backup_id: str, disk: str, index: Index) -> dict[str, Any]:
         """Write one disk's index of an uncommitted backup; durable on return."""
         check_name("domain name", domain)

@@ -25,6 +25,7 @@ import os
 import secrets
 import stat
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -88,6 +89,10 @@ class Storage(Protocol):
         """Publish deferred objects and make every key created or deleted so far durable."""
         ...
 
+    def discard_pending(self) -> None:
+        """Drop deferred objects not yet published (after a failed backup)."""
+        ...
+
 
 _libc_syncfs: Any = None
 with contextlib.suppress(OSError, AttributeError):  # not glibc/Linux: os.sync()
@@ -139,6 +144,48 @@ class LocalStorage:
         # key -> (directory parts, tmp name, size) of deferred objects not yet published
         self._pending: dict[str, tuple[Sequence[str], str, int]] = {}
         self._pending_bytes = 0
+        # syncfs(2) reports only write-back errors that happen after the descriptor it is
+        # given was opened: a batch's descriptor is opened before its first deferred
+        # write and closed once the batch is published or discarded (an open descriptor
+        # keeps the filesystem busy, so it is not kept longer).
+        self._sync_fd: int | None = None
+        self._sync_fd_close: Any = None
+
+    def _ensure_sync_fd(self) -> None:
+        with self._lock:
+            if self._sync_fd is None:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                self._sync_fd = fd
+                self._sync_fd_close = weakref.finalize(self, os.close, fd)
+
+    def _release_sync_fd(self) -> None:
+        """Close the batch's descriptor (caller holds _flush_lock; nothing is pending)."""
+        with self._lock:
+            if self._pending or self._sync_fd is None:
+                return
+            self._sync_fd = None
+            self._sync_fd_close()
+
+    def discard_pending(self) -> None:
+        """Forget deferred objects not yet published, removing their tmp files.
+
+        Called when a backup fails: its unpublished chunks must not be published
+        later by another backup in the same process (gc may have removed them).
+        """
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending, self._pending_bytes = self._pending, {}, 0
+            self._release_sync_fd()
+        for _key, (dirparts, tmp, _size) in pending.items():
+            try:
+                dfd = self._open_dir(dirparts, create=False)
+            except OSError:
+                continue
+            try:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+            finally:
+                os.close(dfd)
 
     # -- directory walking -------------------------------------------------
 
@@ -223,6 +270,8 @@ class LocalStorage:
         try:
             if self._stat_regular(dfd, name, key) is not None:
                 return False
+            if deferred:
+                self._ensure_sync_fd()
             tmp = self._write_tmp(dfd, key, data, sync=not deferred)
             if deferred:
                 size = sum(memoryview(b).nbytes for b in (
@@ -451,16 +500,15 @@ class LocalStorage:
             pending = dict(self._pending)
         if not pending:
             return
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._ensure_sync_fd()
+        assert self._sync_fd is not None
         try:
-            _syncfs(fd)
+            _syncfs(self._sync_fd)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left on the repository's filesystem ({self.root}) "
                               "while writing chunks") from e
             raise
-        finally:
-            os.close(fd)
         for key, (dirparts, tmp, _size) in pending.items():
             dfd = self._open_dir(dirparts, create=False)
             try:
@@ -474,6 +522,7 @@ class LocalStorage:
             with self._lock:
                 self._pending.pop(key, None)
                 self._pending_bytes -= _size
+        self._release_sync_fd()
 
     def _sync_dirs(self, dirty: Sequence[str]) -> None:
         for dirkey in dirty:

@@ -170,9 +170,24 @@ class Domain:
             yield window
         finally:
             try:
-                _call("fsThaw", self._dom.fsThaw, None, 0, name=self.name)
+                self._thaw()
             finally:
                 window["seconds"] = time.monotonic() - start
+
+    def _thaw(self, attempts: int = 3) -> None:
+        """Thaw, retrying: a guest left frozen is worse than a failed backup."""
+        for attempt in range(attempts):
+            try:
+                self._dom.fsThaw(None, 0)
+                return
+            except libvirt.libvirtError as e:
+                if attempt == attempts - 1:
+                    raise LibvirtError(
+                        "fsThaw", f"{e.get_error_message() or e}; guest filesystems of "
+                        f"{self.name} may still be frozen: run 'virsh domfsthaw {self.name}'"
+                    ) from e
+                log.warning("%s: thaw failed (%s), retrying", self.name, e)
+                time.sleep(0.5 * (attempt + 1))
 
     # --- monitor (read-only queries) ----------------------------------------
 
