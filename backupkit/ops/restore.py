@@ -82,13 +82,17 @@ class _Job:
     tmp: str
 
 
+_FIND_BELOW = 16384
+
+
 def _data_runs(view: memoryview, zero: bytes) -> list[tuple[int, int]]:
     """(start, end) of the runs of view that are not all zero, at len(zero) granularity."""
     gran = len(zero)
     n = len(view)
-    # Fast path (almost every chunk): no zero block of gran bytes anywhere, aligned or
-    # not, found by one memmem in C instead of a Python loop over n/gran blocks.
-    if _find(view, zero) < 0:
+    # Fast path at 4 KiB (almost every chunk): no zero block of gran bytes anywhere,
+    # aligned or not, found by one memmem in C (~30 us per MiB) instead of 256 slice
+    # compares (~65-100 us).  At 64 KiB the 16 compares (~5 us) beat memmem (~200 us).
+    if gran < _FIND_BELOW and _find(view, zero) < 0:
         return [(0, n)]
     runs: list[tuple[int, int]] = []
     start = -1
