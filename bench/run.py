@@ -418,6 +418,21 @@ class Bench:
         self.rss[label] = max(self.rss.get(label, 0), r.max_rss_kib)
         return r
 
+    def peer_run(self, label: str, argv: list[str], out: Path | None) -> Run:
+        """Run a virtnbdbackup/virtnbdrestore command; once more if libvirtd went away."""
+        r = run(argv, check=False)
+        if r.rc != 0 and "libvirt" in r.stderr.lower():
+            log(f"{label} failed ({r.stderr.strip()[-200:]}); retrying once")
+            self.info.setdefault("retried", []).append(label)
+            time.sleep(5)
+            if out is not None:  # a full or a restore starts over in an empty directory
+                shutil.rmtree(out, ignore_errors=True)
+            drop_caches(self.cold)
+            r = run(argv, check=False)
+        if r.rc != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {r.rc}:\n{r.stderr[-3000:]}")
+        return r
+
     def add(self, row: Row) -> Row:
         self.rows.append(row)
         log(f"{row.name}: {row.seconds:.2f}s"
@@ -506,15 +521,17 @@ class Bench:
             peer = self.domains[1]
             nz = self.work / "peer-plain"
             drop_caches(self.cold)
-            r = run(["virtnbdbackup", "-d", peer.name, "-l", "full", "-o", str(nz), "-n",
-                     "-S", str(self.work / "scratch")])
+            r = self.peer_run("virtnbdbackup full", [
+                "virtnbdbackup", "-d", peer.name, "-l", "full", "-o", str(nz), "-n",
+                "-S", str(self.work / "scratch")], nz)
             self.info["peer_full_plain_size"] = du(nz)[0]
             self.add(Row("virtnbdbackup -l full", r.seconds, alloc,
                          extra={"output_bytes": du(nz)[0]}))
             shutil.rmtree(nz)
             drop_caches(self.cold)
-            r = run(["virtnbdbackup", "-d", peer.name, "-l", "full", "-z", "-o", str(peer_dir),
-                     "-n", "-S", str(self.work / "scratch")])
+            r = self.peer_run("virtnbdbackup full -z", [
+                "virtnbdbackup", "-d", peer.name, "-l", "full", "-z", "-o", str(peer_dir),
+                "-n", "-S", str(self.work / "scratch")], peer_dir)
             pz_s = r.seconds
             self.info["peer_full_z_size"] = du(peer_dir)[0]
             self.add(Row("virtnbdbackup -l full -z", pz_s, alloc,
@@ -541,8 +558,9 @@ class Bench:
                  "read_amplification": round(amp, 3)})))
             if self.peer:
                 drop_caches(self.cold)
-                r = run(["virtnbdbackup", "-d", self.domains[1].name, "-l", "inc", "-z",
-                         "-o", str(peer_dir), "-n", "-S", str(self.work / "scratch")])
+                r = self.peer_run(f"virtnbdbackup inc {label}", [
+                    "virtnbdbackup", "-d", self.domains[1].name, "-l", "inc", "-z",
+                    "-o", str(peer_dir), "-n", "-S", str(self.work / "scratch")], None)
                 ratio = inc.seconds / r.seconds
                 self.add(Row(f"{label} vs virtnbdbackup -l inc -z", inc.seconds, dirty,
                              "virtnbdbackup inc", r.seconds, ratio, "<= 0.5 (2x faster)",
@@ -594,7 +612,8 @@ class Bench:
         if self.peer:
             out_dir = self.work / "peer-restore"
             drop_caches(self.cold)
-            r = run(["virtnbdrestore", "-i", str(peer_dir), "-o", str(out_dir), "-n"])
+            r = self.peer_run("virtnbdrestore", [
+                "virtnbdrestore", "-i", str(peer_dir), "-o", str(out_dir), "-n"], out_dir)
             ratio = restore_qcow2_s / r.seconds
             self.add(Row("restore qcow2 vs virtnbdrestore", restore_qcow2_s, alloc,
                          "virtnbdrestore", r.seconds, ratio, "<= 0.25 (4x faster)",
@@ -690,7 +709,7 @@ def render(doc: dict[str, Any]) -> str:
     lines.append(f"disk {a['size']} ({human(info['allocated_bytes'])} allocated: "
                  f"{human(info['layout']['text'])} text, {human(info['layout']['random'])} "
                  f"random), chunk size {a['chunk_size']}, zstd level "
-                 f"{a['compression_level'] or 'default (3)'}, caches "
+                 f"{a['compression_level'] or 'default (1)'}, caches "
                  f"{'warm' if a['warm'] else 'dropped before each timed step'}")
     lines.append(f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, {m['qemu']}, "
                  f"libvirt {m['libvirt']}, Python {m['python']}")
