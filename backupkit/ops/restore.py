@@ -38,8 +38,9 @@ DEFAULT_WORKERS = 4
 RAW_GRANULARITY = 4096  # filesystem block: zero blocks of this size are not written
 QCOW2_GRANULARITY = 65536  # default qcow2 cluster size
 # qemu-nbd's cache mode for the qcow2 being restored.  "writeback" makes qemu fdatasync
-# during cluster allocation (qcow2 metadata ordering): 2 GiB into qemu-nbd took 9.2 s vs
-# 4.7 s with "unsafe" (nbdcopy, warm source).  Unsafe only skips flushes: the NBD flush still
+# during cluster allocation (qcow2 metadata ordering): 2 GiB into qemu-nbd took 6.6-8.1 s vs
+# 2.7-3.4 s with "unsafe" (nbdcopy, warm source; the restore itself is CPU-bound elsewhere
+# and measured the same either way, bench/RESULTS.md).  Unsafe only skips flushes: NBD flush still
 # writes qemu's metadata caches into the file, and _restore_qcow2 fsyncs the file after
 # qemu-nbd exits and before the rename, as qemu-img convert (whose default is unsafe) would.
 QCOW2_CACHE = "unsafe"
