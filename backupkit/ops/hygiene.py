@@ -508,14 +508,20 @@ def _layers_json(layers: Sequence[LiveLayer]) -> dict[str, list[dict[str, Any]]]
     return out
 
 
+def _running_disk(conn: virt.Connection, domain: str, disk_name: str, step: str
+                  ) -> tuple[Domain, Disk]:
+    """The live forms need a running domain; a shut-off one takes the cold path."""
+    dom = conn.domain(domain)
+    if not dom.is_active():
+        raise UsageError(f"domain {domain} is not running: use {step} without --domain",
+                         domain=domain)
+    return dom, _disk(dom, disk_name)
+
+
 def _pre_merge_live(top: str, base: str, domain: str, disk_name: str, connect: str,
                     dry_run: bool) -> dict[str, Any]:
     with virt.connect(connect) as conn:
-        dom = conn.domain(domain)
-        if not dom.is_active():
-            raise UsageError(f"domain {domain} is not running: use pre-merge without --domain",
-                             domain=domain)
-        disk = _disk(dom, disk_name)
+        dom, disk = _running_disk(conn, domain, disk_name, "pre-merge")
         layers = _slice(live_chain(dom, disk), top, base)
         actions = bm.plan_pre_merge([lay.info for lay in layers])
         checkpoints = dom.checkpoints()
@@ -639,11 +645,7 @@ def _bitmap_state(layers: Sequence[LiveLayer], name: str) -> str | None:
 def _post_merge_live(top: str, base: str, domain: str, disk_name: str, connect: str,
                      dry_run: bool) -> dict[str, Any]:
     with virt.connect(connect) as conn:
-        dom = conn.domain(domain)
-        if not dom.is_active():
-            raise UsageError(f"domain {domain} is not running: use post-merge without --domain",
-                             domain=domain)
-        disk = _disk(dom, disk_name)
+        dom, disk = _running_disk(conn, domain, disk_name, "post-merge")
         layers = live_chain(dom, disk)
         files = [lay.info.filename for lay in layers]
         if any(bm.same_image(f, top) for f in files if os.path.exists(f)) \
