@@ -11,7 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import zstandard
 
@@ -29,6 +29,8 @@ from backupkit.repo.index import Index, IndexFormatError
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
 from backupkit.repo.storage import Buffer, LocalStorage, Storage
+
+_B = TypeVar("_B", bound=Buffer)
 
 REPO_FORMAT = "backupkit-repository"
 REPO_VERSION = 1
@@ -214,28 +216,28 @@ class Repository:
 
     def get_chunk(self, digest: bytes, *, verify: bool = True) -> bytes:
         """The chunk's data; CorruptRepository if missing, undecodable or not matching."""
-        key = chunk_key(digest)
-        try:
-            raw = self.storage.get(key, self.chunk_size + 1)
-        except NotFound as e:
-            raise CorruptRepository(f"chunk {digest.hex()} is missing", path=self.path) from e
-        data = self.decode_chunk(raw, digest)
-        if verify and hashlib.sha256(data).digest() != digest:
-            raise CorruptRepository(f"chunk {digest.hex()} does not match its hash "
-                                    "(damaged data)", path=self.path)
-        return data
+        with self._missing_is_damage(digest):
+            raw = self.storage.get(chunk_key(digest), self.chunk_size + 1)
+        return self._checked(self.decode_chunk(raw, digest), digest, verify)
 
     def read_chunk(self, digest: bytes, buf: bytearray, *, verify: bool = True) -> Buffer:
         """Like get_chunk, reading through buf (len >= chunk_size + 1) to spare allocations.
 
         The result may be a view into buf: use it before the next call with that buf.
         """
-        key = chunk_key(digest)
+        with self._missing_is_damage(digest):
+            raw = self.storage.get_into(chunk_key(digest), buf)
+        return self._checked(self._decode(raw, digest), digest, verify)
+
+    @contextlib.contextmanager
+    def _missing_is_damage(self, digest: bytes) -> Iterator[None]:
+        """A chunk a backup references but the store lacks is damage (exit 5), not 'not found'."""
         try:
-            raw = self.storage.get_into(key, buf)
+            yield
         except NotFound as e:
             raise CorruptRepository(f"chunk {digest.hex()} is missing", path=self.path) from e
-        data = self._decode(raw, digest)
+
+    def _checked(self, data: _B, digest: bytes, verify: bool) -> _B:
         if verify and hashlib.sha256(data).digest() != digest:
             raise CorruptRepository(f"chunk {digest.hex()} does not match its hash "
                                     "(damaged data)", path=self.path)

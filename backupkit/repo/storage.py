@@ -312,19 +312,23 @@ class LocalStorage:
             raise self._corrupt(key, "is a symlink or not a regular file; refusing to use it")
         return st
 
+    def _open_parent(self, key: str) -> tuple[int, str]:
+        """A descriptor of key's directory and key's last part; NotFound if the directory is."""
+        parts = _split(key)
+        try:
+            return self._open_dir(parts[:-1], create=False), parts[-1]
+        except FileNotFoundError as e:
+            raise NotFound("file", key) from e
+
     def _open_file(self, key: str) -> int:
         with self._lock:
             waiting = key in self._pending
         if waiting:
             self.flush()
-        parts = _split(key)
-        try:
-            dfd = self._open_dir(parts[:-1], create=False)
-        except FileNotFoundError as e:
-            raise NotFound("file", key) from e
+        dfd, name = self._open_parent(key)
         try:
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             except FileNotFoundError as e:
                 raise NotFound("file", key) from e
             except OSError as e:
@@ -372,13 +376,12 @@ class LocalStorage:
         with self._lock:
             if key in self._pending:
                 return True
-        parts = _split(key)
         try:
-            dfd = self._open_dir(parts[:-1], create=False)
-        except FileNotFoundError:
+            dfd, name = self._open_parent(key)
+        except NotFound:
             return False
         try:
-            return self._stat_regular(dfd, parts[-1], key) is not None
+            return self._stat_regular(dfd, name, key) is not None
         finally:
             os.close(dfd)
 
@@ -386,13 +389,9 @@ class LocalStorage:
         with self._lock:
             if key in self._pending:
                 return self._pending[key][2]
-        parts = _split(key)
+        dfd, name = self._open_parent(key)
         try:
-            dfd = self._open_dir(parts[:-1], create=False)
-        except FileNotFoundError as e:
-            raise NotFound("file", key) from e
-        try:
-            st = self._stat_regular(dfd, parts[-1], key)
+            st = self._stat_regular(dfd, name, key)
         finally:
             os.close(dfd)
         if st is None:
