@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from backupkit.ops.restore import restore
 from backupkit.qcow2 import Qcow2Writer
-from tests.repo.helpers import KiB, MiB, allocated, rand, write_image
+from backupkit.repo import Repository
+from tests.repo.helpers import KiB, MiB, allocated, make_backup, rand, write_image
 
 Writes = list[tuple[int, bytes]]
 K64 = 64 * KiB
@@ -235,3 +237,17 @@ def test_bad_cluster_size(tmp_path: Path, cs: int) -> None:
     with pytest.raises(ValueError, match="cluster size"):
         Qcow2Writer(-1, MiB, cs)
 
+
+def test_restore_with_chunks_smaller_than_a_cluster(tmp_path: Path) -> None:
+    """4 KiB chunks: restore uses 4 KiB clusters so every write stays cluster aligned."""
+    repo = Repository.init(str(tmp_path / "repo"), chunk_size=4096)
+    img = write_image(tmp_path / "a.raw", 2 * MiB + 4096 + 512,
+                      [(4096, rand(12 * KiB, 11)), (MiB + 512, rand(100, 12)),
+                       (2 * MiB, rand(4096 + 512, 13))])
+    make_backup(repo, "vm1", {"vda": img})
+    restore(repo, "vm1", "latest", str(tmp_path / "out"), fmt="qcow2", workers=3)
+    out = tmp_path / "out" / "vda.qcow2"
+    assert qemu_img("check", "-q", str(out), check=False).returncode == 0
+    info = json.loads(qemu_img("info", "--output=json", str(out)).stdout)
+    assert info["cluster-size"] == 4096
+    qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", img, str(out))

@@ -3,10 +3,11 @@
 Every backup restores on its own from its index (no chain replay).  Only data
 chunks are written: holes stay holes (a sparse raw file, unallocated qcow2
 clusters).  Several threads read, decompress, check and write chunks at once
-(zstd and hashlib release the GIL); qcow2 output goes through qemu-nbd with one
-NBD connection per thread.  Each disk is written to "<disk>.<fmt>.tmp-<pid>"
-and renamed to "<disk>.<fmt>" only when every disk is complete, so a failed
-restore never leaves a half-written file under a final name.
+(zstd and hashlib release the GIL) with plain pwrite; qcow2 output is laid out
+by backupkit.qcow2 (data clusters as they arrive, metadata and header at the
+end), so it costs about what raw output costs.  Each disk is written to
+"<disk>.<fmt>.tmp-<pid>" and renamed to "<disk>.<fmt>" only when every disk is
+complete, so a failed restore never leaves a half-written file under a final name.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backupkit import qemu
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed, UsageError
-from backupkit.nbd import MAX_REQUEST, Client, QemuNbd
+from backupkit.qcow2 import Qcow2Writer
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
 from backupkit.repo.repository import chunk_key
@@ -36,14 +34,7 @@ log = logging.getLogger("backupkit.restore")
 FORMATS = ("qcow2", "raw")
 DEFAULT_WORKERS = 4
 RAW_GRANULARITY = 4096  # filesystem block: zero blocks of this size are not written
-QCOW2_GRANULARITY = 65536  # default qcow2 cluster size
-# qemu-nbd's cache mode for the qcow2 being restored.  "writeback" makes qemu fdatasync
-# during cluster allocation (qcow2 metadata ordering): 2 GiB into qemu-nbd took 6.6-8.1 s vs
-# 2.7-3.4 s with "unsafe" (nbdcopy, warm source; the restore itself is CPU-bound elsewhere
-# and measured the same either way, bench/RESULTS.md).  Unsafe only skips flushes: NBD flush still
-# writes qemu's metadata caches into the file, and _restore_qcow2 fsyncs the file after
-# qemu-nbd exits and before the rename, as qemu-img convert (whose default is unsafe) would.
-QCOW2_CACHE = "unsafe"
+QCOW2_GRANULARITY = 65536  # qcow2 cluster size (QEMU's default), smaller only for smaller chunks
 PREFETCH = 32  # chunk files the kernel is asked to read ahead of the workers
 
 Progress = Callable[[int], object]
@@ -63,16 +54,6 @@ class _RawWriter:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
-
-
-class _NbdWriter:
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def write(self, offset: int, data: Buffer) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), MAX_REQUEST):
-            self.client.write(offset + start, view[start:start + MAX_REQUEST])
 
 
 @dataclass
@@ -226,37 +207,18 @@ def _restore_raw(repo: Repository, job: _Job, workers: int, progress: Progress |
 
 def _restore_qcow2(repo: Repository, job: _Job, workers: int,
                    progress: Progress | None) -> None:
-    # Claim the name first (O_EXCL), then let qemu-img format it.
-    os.close(os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-    qemu.create(job.tmp, "qcow2", job.index.virtual_size)
-    if job.index.data_bytes:
-        _write_qcow2(repo, job, workers, progress)
-    fd = os.open(job.tmp, os.O_RDONLY | os.O_CLOEXEC)
+    # Every write starts at a chunk boundary, or at a zero-run boundary inside a chunk at
+    # the cluster granularity: both are cluster aligned while clusters are no larger than
+    # chunks (chunks are powers of two from 4 KiB).
+    cluster = min(QCOW2_GRANULARITY, repo.chunk_size)
+    fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
+        writer = Qcow2Writer(fd, job.index.virtual_size, cluster)
+        _copy_chunks(repo, job.index, [writer] * workers, progress, cluster)
+        writer.finish()
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_qcow2(repo: Repository, job: _Job, workers: int,
-                 progress: Progress | None) -> None:
-    sockdir = tempfile.mkdtemp(prefix="backupkit-restore-")
-    try:
-        server = QemuNbd(job.tmp, "qcow2", os.path.join(sockdir, "nbd.sock"),
-                         read_only=False, shared=workers, cache=QCOW2_CACHE)
-        with server:
-            clients: list[Client] = []
-            try:
-                for _ in range(workers):
-                    clients.append(server.client())
-                _copy_chunks(repo, job.index, [_NbdWriter(c) for c in clients], progress,
-                             QCOW2_GRANULARITY)
-                clients[0].flush()
-            finally:
-                for c in clients:
-                    c.close()
-    finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _install(tmp: str, final: str, force: bool) -> None:
