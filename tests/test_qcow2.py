@@ -251,3 +251,19 @@ def test_restore_with_chunks_smaller_than_a_cluster(tmp_path: Path) -> None:
     info = json.loads(qemu_img("info", "--output=json", str(out)).stdout)
     assert info["cluster-size"] == 4096
     qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", img, str(out))
+
+
+@pytest.mark.parametrize("size,cs", [(0, K64), (3 * MiB + 4096, 4096)])
+def test_qemu_keeps_writing_to_the_image(tmp_path: Path, size: int, cs: int) -> None:
+    """A restored disk gets used: QEMU grows it and writes over data and into holes."""
+    writes = runs(size, cs, [(0, 4), (-(-size // cs) - 1, 1)], 12) if size else []
+    path = tmp_path / "img.qcow2"
+    write_qcow2(path, size, cs, writes)
+    qemu_img("resize", "-q", "-f", "qcow2", str(path), str(size + 64 * MiB))
+    cp = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 8k",
+                         "-c", f"write -P 0x66 {size + MiB} 1M", "-c", "read -P 0x55 0 8k",
+                         "-c", f"read -P 0x66 {size + MiB} 1M", str(path)],
+                        capture_output=True, text=True, check=True)
+    assert "Pattern verification failed" not in cp.stdout + cp.stderr
+    cp = qemu_img("check", "-f", "qcow2", str(path), check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
