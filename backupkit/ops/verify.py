@@ -93,10 +93,11 @@ def _check_chunks(repo: Repository, digests: set[bytes], data: bool, workers: in
 
     threads = [threading.Thread(target=work, name=f"verify-{i}", daemon=True)
                for i in range(max(1, workers if data else 1))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with repo.storage.bulk():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     return bad, read_total
 
 

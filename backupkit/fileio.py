@@ -1,0 +1,30 @@
+"""Small file I/O helpers over Linux system calls Python does not wrap."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from typing import Any
+
+_libc: Any = None
+with contextlib.suppress(OSError):
+    _libc = ctypes.CDLL(None, use_errno=True)
+
+_sync_file_range: Any = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                 ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing a file's dirty pages in [offset, offset+length) to disk; do not wait.
+
+    length 0 means to the end of the file.  A hint only: errors are ignored
+    (fsync or syncfs reports them later).  Without it, a machine with a lot of
+    RAM keeps gigabytes dirty until the final fsync, which then writes them in
+    one burst while nothing else happens; started as the data is written, the
+    disk writes overlap the work and the final sync finds little left to do.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
