@@ -102,10 +102,10 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
               level: int | None = None) -> CopyResult:
     """Back up the export behind client; incremental when parent is given.
 
-    ``connections`` NBD connections read in parallel (client plus clones of
-    it), each on its own thread that also hashes, compresses and stores what
-    it read; there are max(workers, connections) threads in all.  Block status
-    goes over client, one slot at a time, under a lock.
+    ``connections`` NBD connections (clones of client) read in parallel, each
+    on its own thread that also hashes, compresses and stores what it read;
+    there are max(workers, connections) threads in all.  Block status goes
+    over client alone, one slot at a time, under a lock.
     """
     cs = repo.chunk_size
     size = client.size
@@ -124,22 +124,22 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     stored_chunks = [0]
     slots = slot_segments(client.extents(), cs, dirty_only=incremental)
 
-    clients = [client]
+    # client serves block status only; data is read over clones of it, so a thread
+    # asking for the next slot never waits behind another thread's data read.
+    clients: list[Client] = []
     try:
-        for _ in range(1, max(1, connections)):
+        for _ in range(max(1, connections)):
             clients.append(client.clone())
     except Exception:
-        for c in clients[1:]:
+        for c in clients:
             c.close()
         raise
-    # One lock per connection: client also serves block status, and threads
-    # may outnumber connections.
+    # One lock per connection: threads may outnumber connections.
     conns = [(c, threading.Lock()) for c in clients]
-    main_lock = conns[0][1]
     nthreads = max(workers, len(conns))
 
     def next_slot() -> tuple[int, list[Segment]] | None:
-        with lock, main_lock:
+        with lock:
             return next(slots, None)
 
     def copy_slot(conn: Client, conn_lock: threading.Lock, buf: bytearray, slot: int,
@@ -195,13 +195,14 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     threads = [threading.Thread(target=work, args=(i,), name=f"copy-{i}", daemon=True)
                for i in range(nthreads)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with repo.storage.bulk():
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     finally:
         stop.set()
-        for c in clients[1:]:
+        for c in clients:
             c.close()
     if errors:
         raise errors[0]
