@@ -26,6 +26,8 @@ import sys
 import threading
 from array import array
 
+from backupkit.fileio import start_writeback
+
 Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"QFI\xfb"
@@ -145,6 +147,7 @@ class Qcow2Writer:
             self._inflight += 1
         try:
             _pwrite_all(self.fd, view, host * cs)
+            start_writeback(self.fd, host * cs, n)
         finally:
             with self._lock:
                 self._inflight -= 1

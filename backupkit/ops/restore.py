@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed, UsageError
+from backupkit.fileio import start_writeback
 from backupkit.qcow2 import Qcow2Writer
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
@@ -50,10 +51,12 @@ class _RawWriter:
 
     def write(self, offset: int, data: Buffer) -> None:
         view = memoryview(data)
+        start, length = offset, len(view)
         while len(view):
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+        start_writeback(self.fd, start, length)
 
 
 @dataclass
@@ -181,15 +184,16 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
                for i, w in enumerate(writers)]
     if PREFETCH:
         threads.append(threading.Thread(target=prefetch, name="restore-prefetch", daemon=True))
-    for t in threads:
-        t.start()
-    for t in threads[:len(writers)]:
-        t.join()
-    stop.set()
-    with taken:
-        taken.notify_all()
-    for t in threads[len(writers):]:
-        t.join()
+    with repo.storage.bulk():
+        for t in threads:
+            t.start()
+        for t in threads[:len(writers)]:
+            t.join()
+        stop.set()
+        with taken:
+            taken.notify_all()
+        for t in threads[len(writers):]:
+            t.join()
     if errors:
         raise errors[0]
 
