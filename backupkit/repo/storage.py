@@ -5,7 +5,8 @@ The interface is deliberately what an S3-compatible store can offer too:
 create-if-absent, whole-object get with a size cap, atomic replace, list by
 prefix with sizes, delete.  Durability: ``put_if_absent`` makes the object's
 content durable before it appears under its key; ``flush`` makes every key
-created so far durable (local: fsync of the directories that changed);
+created so far durable (local: fsync of the directories that changed, or one
+syncfs when there are many);
 ``replace`` is fully durable when it returns.  ``put_if_absent(deferred=True)``
 (used for chunks) writes a tmp file without fsync and publishes it at the next
 ``flush``: one syncfs(2) for the whole batch, then the links, instead of one
@@ -162,11 +163,17 @@ class LocalStorage:
         self._pending: dict[str, tuple[Sequence[str], str, int]] = {}
         self._pending_bytes = 0
         # syncfs(2) reports only write-back errors that happen after the descriptor it is
-        # given was opened: a batch's descriptor is opened before its first deferred
-        # write and closed once the batch is published or discarded (an open descriptor
-        # keeps the filesystem busy, so it is not kept longer).
+        # given was opened, and each error only once per descriptor.  So the batch's
+        # descriptor is opened before its first deferred write and stays open while any
+        # deferred write or flush is in progress (_sync_users) or anything is pending;
+        # then it is closed (an open descriptor keeps the filesystem busy).  A failed
+        # sync is final (_failed): every later flush or deferred write raises it again
+        # until discard_pending(), since a second syncfs would return 0 and publish the
+        # chunks whose data was lost.
         self._sync_fd: int | None = None
         self._sync_fd_close: Any = None
+        self._sync_users = 0
+        self._failed: BaseException | None = None
         # Inside bulk(), descriptors of chunk directories ("chunks/ab") are opened once:
         # a chunk read or write then costs one dup(2) instead of walking three path
         # components (~9 % of a restore's worker time).  Only this process removes them
@@ -178,20 +185,31 @@ class LocalStorage:
         self._dir_fds_users = 0  # bulk() depth: descriptors are cached only inside it
         self._dir_fds_close = weakref.finalize(self, _close_all, self._dir_fds)
 
-    def _ensure_sync_fd(self) -> None:
+    def _acquire_sync_fd(self) -> int:
+        """The batch's descriptor, opened if needed; pair with _release_sync_fd."""
         with self._lock:
             if self._sync_fd is None:
                 fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 self._sync_fd = fd
                 self._sync_fd_close = weakref.finalize(self, os.close, fd)
+            self._sync_users += 1
+            return self._sync_fd
 
     def _release_sync_fd(self) -> None:
-        """Close the batch's descriptor (caller holds _flush_lock; nothing is pending)."""
         with self._lock:
-            if self._pending or self._sync_fd is None:
-                return
-            self._sync_fd = None
-            self._sync_fd_close()
+            self._sync_users -= 1
+            self._close_sync_fd_if_idle()
+
+    def _close_sync_fd_if_idle(self) -> None:
+        """Close the batch's descriptor if nobody uses it and nothing is pending (holds _lock)."""
+        if self._sync_users or self._pending or self._sync_fd is None:
+            return
+        self._sync_fd = None
+        self._sync_fd_close()
+
+    def _check_failed(self) -> None:
+        if self._failed is not None:
+            raise self._failed
 
     def discard_pending(self) -> None:
         """Forget deferred objects not yet published, removing their tmp files.
@@ -199,10 +217,10 @@ class LocalStorage:
         Called when a backup fails: its unpublished chunks must not be published
         later by another backup in the same process (gc may have removed them).
         """
-        with self._flush_lock:
-            with self._lock:
-                pending, self._pending, self._pending_bytes = self._pending, {}, 0
-            self._release_sync_fd()
+        with self._flush_lock, self._lock:
+            pending, self._pending, self._pending_bytes = self._pending, {}, 0
+            self._failed = None  # the chunks whose sync failed are gone with the rest
+            self._close_sync_fd_if_idle()
         for _key, (dirparts, tmp, _size) in pending.items():
             try:
                 dfd = self._open_dir(dirparts, create=False)
@@ -228,7 +246,7 @@ class LocalStorage:
                 if fd is not None:
                     return os.dup(fd)
             fd = self._walk_dir(parts, create)
-            with self._lock:
+            with self._lock, contextlib.suppress(OSError):  # out of descriptors: no cache
                 if self._dir_fds_users and key not in self._dir_fds:
                     self._dir_fds[key] = os.dup(fd)
             return fd
@@ -334,25 +352,31 @@ class LocalStorage:
             if self._stat_regular(dfd, name, key) is not None:
                 return False
             if deferred:
-                self._ensure_sync_fd()
-            tmp = self._write_tmp(dfd, key, data, sync=not deferred)
-            if deferred:
-                size = sum(memoryview(b).nbytes for b in (
-                    [data] if isinstance(data, (bytes, bytearray, memoryview)) else data))
-                with self._lock:
-                    if key in self._pending:
-                        raced = True
-                    else:
-                        raced = False
-                        self._pending[key] = (parts[:-1], tmp, size)
-                        self._pending_bytes += size
-                    full = self._pending_bytes >= self.flush_bytes
+                self._check_failed()
+                # Counted as a user of the batch's descriptor from before the write until
+                # the chunk is pending, so no publish closes it in between.
+                self._acquire_sync_fd()
+                try:
+                    tmp = self._write_tmp(dfd, key, data, sync=False)
+                    size = sum(memoryview(b).nbytes for b in (
+                        [data] if isinstance(data, (bytes, bytearray, memoryview)) else data))
+                    with self._lock:
+                        if key in self._pending:
+                            raced = True
+                        else:
+                            raced = False
+                            self._pending[key] = (parts[:-1], tmp, size)
+                            self._pending_bytes += size
+                        full = self._pending_bytes >= self.flush_bytes
+                finally:
+                    self._release_sync_fd()
                 if raced:
                     os.unlink(tmp, dir_fd=dfd)
                     return False
                 if full:
                     self._flush_if_idle()
                 return True
+            tmp = self._write_tmp(dfd, key, data)
             try:
                 os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
             except FileExistsError:
@@ -570,27 +594,42 @@ class LocalStorage:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        self._publish()
-        with self._lock:
-            dirty = sorted(self._dirty, key=len, reverse=True)
-            self._dirty.clear()
-        self._sync_dirs(dirty)
+        self._check_failed()
+        # One descriptor from before the first link to after the directories are synced.
+        sync_fd = self._acquire_sync_fd()
+        try:
+            self._publish(sync_fd)
+            with self._lock:
+                dirty = sorted(self._dirty, key=len, reverse=True)
+                self._dirty.clear()
+            try:
+                self._sync_dirs(dirty, sync_fd)
+            except BaseException:
+                with self._lock:
+                    self._dirty.update(dirty)
+                raise
+        except (OSError, NoSpace) as e:
+            self._failed = e
+            raise
+        finally:
+            self._release_sync_fd()
 
-    def _publish(self) -> None:
+    def _sync_error(self, e: OSError, what: str) -> BaseException:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpace(f"no space left on the repository's filesystem ({self.root}) "
+                           f"while writing {what}")
+        return e
+
+    def _publish(self, sync_fd: int) -> None:
         """Make the deferred tmp files durable in one syncfs, then link them to their keys."""
         with self._lock:
             pending = dict(self._pending)
         if not pending:
             return
-        self._ensure_sync_fd()
-        assert self._sync_fd is not None
         try:
-            _syncfs(self._sync_fd)
+            _syncfs(sync_fd)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"no space left on the repository's filesystem ({self.root}) "
-                              "while writing chunks") from e
-            raise
+            raise self._sync_error(e, "chunks") from e
         for key, (dirparts, tmp, _size) in pending.items():
             dfd = self._open_dir(dirparts, create=False)
             try:
@@ -604,18 +643,15 @@ class LocalStorage:
             with self._lock:
                 self._pending.pop(key, None)
                 self._pending_bytes -= _size
-        self._release_sync_fd()
 
-    def _sync_dirs(self, dirty: Sequence[str]) -> None:
+    def _sync_dirs(self, dirty: Sequence[str], sync_fd: int) -> None:
         if len(dirty) > _SYNCFS_DIRS:
             # A batch of chunks touches up to 256 directories: one syncfs commits them
             # all (fsync of each took 6 % of a full backup's thread time).
-            self._ensure_sync_fd()
-            assert self._sync_fd is not None
             try:
-                _syncfs(self._sync_fd)
-            finally:
-                self._release_sync_fd()
+                _syncfs(sync_fd)
+            except OSError as e:
+                raise self._sync_error(e, "directories") from e
             return
         for dirkey in dirty:
             try:
@@ -624,5 +660,7 @@ class LocalStorage:
                 continue
             try:
                 os.fsync(dfd)
+            except OSError as e:
+                raise self._sync_error(e, f"directory {dirkey or '.'}") from e
             finally:
                 os.close(dfd)

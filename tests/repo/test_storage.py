@@ -1,0 +1,168 @@
+"""LocalStorage batching: sync failures are final, the batch descriptor's lifetime, bulk()."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backupkit import errors
+from backupkit.repo import storage as storage_mod
+from backupkit.repo.storage import LocalStorage
+
+
+def _store(tmp_path: Path) -> LocalStorage:
+    root = tmp_path / "r"
+    (root / "chunks").mkdir(parents=True)
+    return LocalStorage(str(root))
+
+
+def _chunk_keys(n: int) -> list[str]:
+    """n keys spread over n different chunk directories."""
+    return [f"chunks/{i:02x}/{i:02x}{'0' * 62}" for i in range(n)]
+
+
+def _failing_syncfs(monkeypatch: pytest.MonkeyPatch, err: int, calls: list[int]) -> None:
+    """syncfs fails once with err, then succeeds, like errseq: the error is reported once."""
+    real = storage_mod._syncfs
+
+    def syncfs(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(err, os.strerror(err))
+        real(fd)
+
+    monkeypatch.setattr(storage_mod, "_syncfs", syncfs)
+
+
+def test_failed_syncfs_is_final_until_discard(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    st = _store(tmp_path)
+    calls: list[int] = []
+    _failing_syncfs(monkeypatch, errno.EIO, calls)
+    k1, k2 = _chunk_keys(2)
+    assert st.put_if_absent(k1, b"one", deferred=True)
+    with pytest.raises(OSError, match="Input/output"):
+        st.flush()
+    # A second syncfs would return 0: nothing may be published after the failure.
+    with pytest.raises(OSError):
+        st.put_if_absent(k2, b"two", deferred=True)
+    with pytest.raises(OSError):
+        st.flush()
+    assert len(calls) == 1
+    assert not (Path(st.root) / k1).exists()
+    st.discard_pending()
+    assert not list(Path(st.root, "chunks").rglob(".tmp-*"))
+    assert st.put_if_absent(k2, b"two", deferred=True)
+    st.flush()
+    assert (Path(st.root) / k2).read_bytes() == b"two"
+    assert not (Path(st.root) / k1).exists()
+
+
+def test_full_batch_publish_failure_is_final_for_other_writers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = _store(tmp_path)
+    st.flush_bytes = 4  # every deferred write fills the batch
+    calls: list[int] = []
+    _failing_syncfs(monkeypatch, errno.EIO, calls)
+    k1, k2 = _chunk_keys(2)
+    with pytest.raises(OSError):
+        st.put_if_absent(k1, b"first", deferred=True)  # its publish fails
+    with pytest.raises(OSError):
+        st.put_if_absent(k2, b"second", deferred=True)  # must not publish k1
+    assert not (Path(st.root) / k1).exists()
+    assert len(calls) == 1
+
+
+def test_directory_sync_enospc_is_no_space(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    st = _store(tmp_path)
+    keys = _chunk_keys(storage_mod._SYNCFS_DIRS + 1)
+    calls: list[int] = []
+    real = storage_mod._syncfs
+
+    def syncfs(fd: int) -> None:  # the chunks sync, the directories do not
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(storage_mod, "_syncfs", syncfs)
+    for k in keys:
+        st.put_if_absent(k, k.encode(), deferred=True)
+    with pytest.raises(errors.NoSpace, match="directories"):
+        st.flush()
+    # One descriptor from before the links to after the directory sync.
+    assert calls[0] == calls[1]
+    with pytest.raises(errors.NoSpace):
+        st.flush()
+
+
+def test_many_directories_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = _store(tmp_path)
+    calls: list[int] = []
+    real = storage_mod._syncfs
+    monkeypatch.setattr(storage_mod, "_syncfs", lambda fd: (calls.append(fd), real(fd))[1])
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(storage_mod.os, "fsync", lambda fd: (fsynced.append(fd),
+                                                              real_fsync(fd))[1])
+    for k in _chunk_keys(storage_mod._SYNCFS_DIRS + 1):
+        st.put_if_absent(k, b"x", deferred=True)
+    st.flush()
+    assert len(calls) == 2 and not fsynced  # chunks, then all directories at once
+    assert st._sync_fd is None  # nothing pending: the descriptor is closed
+    for k in _chunk_keys(2):
+        assert (Path(st.root) / k).read_bytes() == b"x"
+
+
+def test_batch_descriptor_stays_open_during_a_deferred_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish finishing while a write is in flight must not close the write's descriptor."""
+    st = _store(tmp_path)
+    k1, k2 = _chunk_keys(2)
+    st.put_if_absent(k1, b"one", deferred=True)
+    real_write_tmp = st._write_tmp
+    seen: dict[str, Any] = {}
+
+    def write_tmp(dfd: int, key: str, data: Any, sync: bool = True) -> str:
+        seen["before"] = st._sync_fd
+        t = threading.Thread(target=st.flush)  # publishes k1: nothing else is pending
+        t.start()
+        t.join()
+        seen["after"] = st._sync_fd
+        return real_write_tmp(dfd, key, data, sync)
+
+    monkeypatch.setattr(st, "_write_tmp", write_tmp)
+    st.put_if_absent(k2, b"two", deferred=True)
+    assert (Path(st.root) / k1).exists()
+    assert seen["before"] is not None and seen["after"] == seen["before"]
+    monkeypatch.undo()
+    st.flush()
+    assert (Path(st.root) / k2).read_bytes() == b"two"
+    assert st._sync_fd is None
+
+
+def test_bulk_caches_chunk_directories_and_closes_them(tmp_path: Path) -> None:
+    st = _store(tmp_path)
+    k1, k2 = _chunk_keys(2)
+    st.put_if_absent(k1, b"one")
+    assert not st._dir_fds  # outside bulk() nothing stays open
+    with st.bulk():
+        assert st.get(k1, 10) == b"one"
+        assert st.exists(k1)
+        assert list(st._dir_fds) == [("chunks", "00")]
+        with st.bulk():  # nested: still cached
+            st.put_if_absent(k2, b"two")
+        assert len(st._dir_fds) == 2
+        # Deleting a directory's last object removes the directory and forgets it.
+        assert st.delete(k1)
+        assert ("chunks", "00") not in st._dir_fds
+        assert not (Path(st.root) / "chunks" / "00").exists()
+        st.put_if_absent(k1, b"again")  # recreated, not written into the removed one
+        assert (Path(st.root) / k1).read_bytes() == b"again"
+    assert not st._dir_fds
