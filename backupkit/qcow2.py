@@ -68,6 +68,32 @@ def _big_endian(table: array[int]) -> bytes:
     return table.tobytes()
 
 
+def check_geometry(virtual_size: int, cluster_size: int) -> None:
+    """ValueError unless QEMU can open an image of this size with these clusters, even full.
+
+    Checked before any data is written: the L1 table and, for a disk whose every
+    cluster holds data, the refcount table must stay within QEMU's limits.
+    """
+    if cluster_size & (cluster_size - 1) or not MIN_CLUSTER <= cluster_size <= MAX_CLUSTER:
+        raise ValueError(f"qcow2 cluster size must be a power of two between {MIN_CLUSTER} "
+                         f"and {MAX_CLUSTER}, not {cluster_size}")
+    if virtual_size < 0:
+        raise ValueError(f"negative virtual size {virtual_size}")
+    clusters = _ceil_div(virtual_size, cluster_size)
+    l1_size = _ceil_div(clusters, cluster_size // 8)
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise ValueError(f"a {virtual_size}-byte disk needs an L1 table larger than QEMU "
+                         f"opens with {cluster_size}-byte clusters")
+    # Header, every data cluster, the L2 tables and L1 table, then the refcount blocks
+    # (16-bit entries) and their table, with room for the blocks counting themselves.
+    total = 1 + clusters + l1_size + _ceil_div(l1_size * 8, cluster_size)
+    rb_entries = cluster_size * 8 // (1 << REFCOUNT_ORDER)
+    blocks = _ceil_div(total, rb_entries) + 2
+    if _ceil_div(blocks * 8, cluster_size) * cluster_size > MAX_REFTABLE_BYTES:
+        raise ValueError(f"a {virtual_size}-byte disk needs a refcount table larger than "
+                         f"QEMU opens with {cluster_size}-byte clusters")
+
+
 class Qcow2Writer:
     """Writes a new standalone qcow2 v3 image (no backing file): data first, metadata at finish.
 
@@ -85,20 +111,13 @@ class Qcow2Writer:
     """
 
     def __init__(self, fd: int, virtual_size: int, cluster_size: int = 65536) -> None:
-        if cluster_size & (cluster_size - 1) or not MIN_CLUSTER <= cluster_size <= MAX_CLUSTER:
-            raise ValueError(f"qcow2 cluster size must be a power of two between {MIN_CLUSTER} "
-                             f"and {MAX_CLUSTER}, not {cluster_size}")
-        if virtual_size < 0:
-            raise ValueError(f"negative virtual size {virtual_size}")
+        check_geometry(virtual_size, cluster_size)
         self.fd = fd
         self.virtual_size = virtual_size
         self.cluster_size = cluster_size
         self._l2_entries = cluster_size // 8
         self._clusters = _ceil_div(virtual_size, cluster_size)
         self.l1_size = _ceil_div(self._clusters, self._l2_entries)
-        if self.l1_size * 8 > MAX_L1_BYTES:
-            raise ValueError(f"virtual size {virtual_size} needs an L1 table larger than QEMU "
-                             f"opens with {cluster_size}-byte clusters")
         # Guest -> host mapping as host cluster numbers (0: unallocated, since cluster 0 is
         # the header), one array per L2 table, made only when a write reaches it: 4 bytes
         # per guest cluster of the L2 ranges that hold data (32 MiB per TiB of data at

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from backupkit.ops.restore import restore
-from backupkit.qcow2 import Qcow2Writer
+from backupkit.qcow2 import Qcow2Writer, check_geometry
 from backupkit.repo import Repository
 from tests.repo.helpers import KiB, MiB, allocated, make_backup, rand, write_image
 
@@ -236,6 +236,22 @@ def test_rejected_writes_leave_the_image_intact(tmp_path: Path) -> None:
 def test_bad_cluster_size(tmp_path: Path, cs: int) -> None:
     with pytest.raises(ValueError, match="cluster size"):
         Qcow2Writer(-1, MiB, cs)
+
+
+@pytest.mark.parametrize("size,cs,what", [
+    (9 * 1024**4, 4096, "L1 table"),  # 8 TiB is the most 4 KiB clusters allow
+    (2 * 1024**4, 512, "L1 table"),
+    (64 * 1024**4, K64, None),
+    (510 * 1024**3, 1024, "refcount table"),
+])
+def test_geometry_checked_before_any_write(size: int, cs: int, what: str | None) -> None:
+    if what is None:
+        check_geometry(size, cs)
+        return
+    with pytest.raises(ValueError, match=what):
+        check_geometry(size, cs)
+    with pytest.raises(ValueError, match=what):
+        Qcow2Writer(-1, size, cs)
 
 
 def test_restore_with_chunks_smaller_than_a_cluster(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from backupkit.repo import Index, Repository
 
 Progress = Callable[[int], None]
 
-CONNECTIONS = 4  # NBD connections (and reading threads) per disk
+CONNECTIONS = 4  # NBD connections reading data per disk (plus one for block status)
 COALESCE_GAP = 256 * 1024  # read across gaps up to this (and chunk/4) in one request
 
 

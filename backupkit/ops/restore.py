@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from backupkit import qcow2
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed, UsageError
 from backupkit.fileio import start_writeback
 from backupkit.qcow2 import Qcow2Writer
@@ -184,16 +185,22 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
                for i, w in enumerate(writers)]
     if PREFETCH:
         threads.append(threading.Thread(target=prefetch, name="restore-prefetch", daemon=True))
+    started: list[threading.Thread] = []
     with repo.storage.bulk():
-        for t in threads:
-            t.start()
-        for t in threads[:len(writers)]:
-            t.join()
-        stop.set()
-        with taken:
-            taken.notify_all()
-        for t in threads[len(writers):]:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+                started.append(t)
+            for t in started[:len(writers)]:
+                t.join()
+        finally:
+            # Also on an interrupt: no worker may outlive the output file's descriptor,
+            # which the caller closes next (its number could be reused by another open).
+            stop.set()
+            with taken:
+                taken.notify_all()
+            for t in started:
+                t.join()
     if errors:
         raise errors[0]
 
@@ -209,12 +216,19 @@ def _restore_raw(repo: Repository, job: _Job, workers: int, progress: Progress |
         os.close(fd)
 
 
+def _qcow2_cluster(repo: Repository) -> int:
+    """64 KiB (qemu-img's default), or the chunk size if smaller.
+
+    Every write starts at a chunk boundary, or at a zero-run boundary inside a chunk at
+    the cluster granularity: both are cluster aligned while clusters are no larger than
+    chunks (chunks are powers of two from 4 KiB).
+    """
+    return min(QCOW2_GRANULARITY, repo.chunk_size)
+
+
 def _restore_qcow2(repo: Repository, job: _Job, workers: int,
                    progress: Progress | None) -> None:
-    # Every write starts at a chunk boundary, or at a zero-run boundary inside a chunk at
-    # the cluster granularity: both are cluster aligned while clusters are no larger than
-    # chunks (chunks are powers of two from 4 KiB).
-    cluster = min(QCOW2_GRANULARITY, repo.chunk_size)
+    cluster = _qcow2_cluster(repo)
     fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         writer = Qcow2Writer(fd, job.index.virtual_size, cluster)
@@ -289,6 +303,12 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
             raise UsageError(f"{final} already exists (use --force to overwrite it)")
         jobs.append(_Job(name, repo.load_index(manifest, name), final,
                          f"{final}.tmp-{os.getpid()}"))
+        if fmt == "qcow2":
+            try:
+                qcow2.check_geometry(jobs[-1].index.virtual_size, _qcow2_cluster(repo))
+            except ValueError as e:
+                raise UsageError(f"disk {name} cannot be restored as qcow2: {e} "
+                                 "(restore it as raw)") from None
     os.makedirs(target_dir, exist_ok=True)
 
     results = []
