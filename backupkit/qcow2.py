@@ -26,7 +26,7 @@ import sys
 import threading
 from array import array
 
-from backupkit.fileio import start_writeback
+from backupkit.fileio import Writeback
 
 Buffer = bytes | bytearray | memoryview
 
@@ -130,6 +130,7 @@ class Qcow2Writer:
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
         self._finished = False
+        self._writeback = Writeback(fd)  # the disk writes overlap the restore
 
     def write(self, offset: int, data: Buffer) -> None:
         """Write data at guest offset; allocates ceil(len/cluster) contiguous host clusters."""
@@ -166,7 +167,7 @@ class Qcow2Writer:
             self._inflight += 1
         try:
             _pwrite_all(self.fd, view, host * cs)
-            start_writeback(self.fd, host * cs, n)
+            self._writeback.wrote(n)
         finally:
             with self._lock:
                 self._inflight -= 1

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from backupkit import qcow2
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed, UsageError
-from backupkit.fileio import start_writeback
+from backupkit.fileio import Writeback
 from backupkit.qcow2 import Qcow2Writer
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
@@ -49,15 +49,16 @@ class _Writer(Protocol):
 class _RawWriter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._writeback = Writeback(fd)
 
     def write(self, offset: int, data: Buffer) -> None:
         view = memoryview(data)
-        start, length = offset, len(view)
+        length = len(view)
         while len(view):
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
-        start_writeback(self.fd, start, length)
+        self._writeback.wrote(length)
 
 
 @dataclass
