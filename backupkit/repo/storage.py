@@ -180,7 +180,11 @@ class LocalStorage:
         # while it holds a repository lock (gc holds it exclusively), and delete()
         # forgets a directory before removing it.  Every user gets its own dup, so
         # invalidation never pulls a descriptor from under a thread.  Outside bulk()
-        # nothing stays open (an open descriptor keeps the filesystem busy).
+        # nothing stays open (an open descriptor keeps the filesystem busy).  Limits:
+        # dups share one directory offset, so the cache serves only *at() calls (never
+        # scandir: _walk walks the path itself); and a delete() racing a cached open inside
+        # bulk() could cache a directory just removed, which cannot happen today
+        # because only gc deletes chunks, outside bulk() and under the exclusive lock.
         self._dir_fds: dict[tuple[str, ...], int] = {}
         self._dir_fds_users = 0  # bulk() depth: descriptors are cached only inside it
         self._dir_fds_close = weakref.finalize(self, _close_all, self._dir_fds)
@@ -488,7 +492,8 @@ class LocalStorage:
     def _walk(self, prefix: str, tmp: bool) -> Iterator[ObjectInfo]:
         parts = _split(prefix.rstrip("/")) if prefix.strip("/") else []
         try:
-            dfd = self._open_dir(parts, create=False)
+            # Never a cached descriptor's dup: scandir moves the offset its dups share.
+            dfd = self._walk_dir(parts, create=False)
         except FileNotFoundError:
             return
         base = "/".join(parts)

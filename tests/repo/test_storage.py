@@ -166,3 +166,15 @@ def test_bulk_caches_chunk_directories_and_closes_them(tmp_path: Path) -> None:
         st.put_if_absent(k1, b"again")  # recreated, not written into the removed one
         assert (Path(st.root) / k1).read_bytes() == b"again"
     assert not st._dir_fds
+
+
+def test_listing_inside_bulk_does_not_share_a_cached_directory(tmp_path: Path) -> None:
+    st = _store(tmp_path)
+    keys = [f"chunks/00/00{i:062x}" for i in range(3)]
+    for k in keys:
+        st.put_if_absent(k, b"x")
+    with st.bulk():
+        assert st.exists(keys[0])  # caches chunks/00
+        assert [o.key for o in st.list("chunks/00/")] == keys
+        assert [o.key for o in st.list("chunks/00/")] == keys  # a second listing sees all
+        assert st.get(keys[2], 10) == b"x"
