@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 from typing import Any
+
+Buffer = bytes | bytearray | memoryview
 
 _libc: Any = None
 with contextlib.suppress(OSError):
     _libc = ctypes.CDLL(None, use_errno=True)
 
+_syncfs: Any = getattr(_libc, "syncfs", None)  # not glibc/Linux: os.sync()
 _sync_file_range: Any = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
@@ -18,17 +22,36 @@ if _sync_file_range is not None:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Start writing a file's dirty pages in [offset, offset+length) to disk; do not wait.
+def syncfs(fd: int) -> None:
+    """syncfs(2): write back and commit everything on fd's filesystem (os.sync() without it)."""
+    if _syncfs is None:  # pragma: no cover
+        os.sync()
+        return
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
-    length 0 means to the end of the file.  A hint only: errors are ignored
-    (fsync or syncfs reports them later).  Without it, a machine with a lot of
-    RAM keeps gigabytes dirty until the final fsync, which then writes them in
-    one burst while nothing else happens; started as the data is written, the
-    disk writes overlap the work and the final sync finds little left to do.
+
+def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    """os.pwrite until all of data is written at offset."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk; do not wait.
+
+    A hint only: errors are ignored (fsync or syncfs reports them later).
+    Without it, a machine with a lot of RAM keeps gigabytes dirty until the
+    final fsync, which then writes them in one burst while nothing else
+    happens; started as the data is written, the disk writes overlap the work
+    and the final sync finds little left to do.
     """
     if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 class Writeback:

@@ -26,9 +26,7 @@ import sys
 import threading
 from array import array
 
-from backupkit.fileio import Writeback
-
-Buffer = bytes | bytearray | memoryview
+from backupkit.fileio import Buffer, Writeback, pwrite_all
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
@@ -52,14 +50,6 @@ _END_OF_EXTENSIONS = bytes(8)  # extension type 0, length 0
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _big_endian(table: array[int]) -> bytes:
@@ -166,7 +156,7 @@ class Qcow2Writer:
                 h += hi - lo
             self._inflight += 1
         try:
-            _pwrite_all(self.fd, view, host * cs)
+            pwrite_all(self.fd, view, host * cs)
             self._writeback.wrote(n)
         finally:
             with self._lock:
@@ -216,17 +206,17 @@ class Qcow2Writer:
 
         for l1, host in l2_at.items():
             entries = array("Q", (c * cs | OFLAG_COPIED if c else 0 for c in self._l2[l1]))
-            _pwrite_all(self.fd, _big_endian(entries), host * cs)
+            pwrite_all(self.fd, _big_endian(entries), host * cs)
         if self.l1_size:
             l1_table = array("Q", bytes(8 * self.l1_size))
             for l1, host in l2_at.items():
                 l1_table[l1] = host * cs | OFLAG_COPIED
-            _pwrite_all(self.fd, _big_endian(l1_table), l1_start * cs)
+            pwrite_all(self.fd, _big_endian(l1_table), l1_start * cs)
         for b in range(blocks):
-            _pwrite_all(self.fd, b"\x00\x01" * min(rb_entries, total - b * rb_entries),
+            pwrite_all(self.fd, b"\x00\x01" * min(rb_entries, total - b * rb_entries),
                         (rb_start + b) * cs)
         reftable = array("Q", ((rb_start + b) * cs for b in range(blocks)))
-        _pwrite_all(self.fd, _big_endian(reftable), rt_start * cs)
+        pwrite_all(self.fd, _big_endian(reftable), rt_start * cs)
         # Everything the header points at reaches the disk before the header does.
         os.fdatasync(self.fd)
         size = _ceil_div(self.virtual_size, SECTOR) * SECTOR
@@ -234,4 +224,4 @@ class Qcow2Writer:
             MAGIC, VERSION, 0, 0, cs.bit_length() - 1, size, 0,
             self.l1_size, l1_start * cs, rt_start * cs, table_clusters, 0, 0,
             0, 0, 0, REFCOUNT_ORDER, _HEADER.size, 0)
-        _pwrite_all(self.fd, header + _END_OF_EXTENSIONS, 0)
+        pwrite_all(self.fd, header + _END_OF_EXTENSIONS, 0)

@@ -24,12 +24,12 @@ from typing import Any, Protocol
 
 from backupkit import qcow2
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed, UsageError
-from backupkit.fileio import Writeback
+from backupkit.fileio import Buffer, Writeback, pwrite_all
 from backupkit.qcow2 import Qcow2Writer
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
 from backupkit.repo.repository import chunk_key
-from backupkit.repo.storage import Buffer, LocalStorage
+from backupkit.repo.storage import LocalStorage
 
 log = logging.getLogger("backupkit.restore")
 
@@ -52,13 +52,8 @@ class _RawWriter:
         self._writeback = Writeback(fd)
 
     def write(self, offset: int, data: Buffer) -> None:
-        view = memoryview(data)
-        length = len(view)
-        while len(view):
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
-        self._writeback.wrote(length)
+        pwrite_all(self.fd, data, offset)
+        self._writeback.wrote(memoryview(data).nbytes)
 
 
 @dataclass

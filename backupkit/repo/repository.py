@@ -24,11 +24,12 @@ from backupkit.errors import (
     UnsupportedFormat,
     UsageError,
 )
+from backupkit.fileio import Buffer
 from backupkit.repo import locks
 from backupkit.repo.index import Index, IndexFormatError
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
-from backupkit.repo.storage import Buffer, LocalStorage, Storage
+from backupkit.repo.storage import LocalStorage, Storage
 
 _B = TypeVar("_B", bound=Buffer)
 

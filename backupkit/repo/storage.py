@@ -20,7 +20,6 @@ non-regular file where an object should be raises CorruptRepository.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import secrets
@@ -31,9 +30,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed
-from backupkit.fileio import start_writeback
-
-Buffer = bytes | bytearray | memoryview
+from backupkit.fileio import Buffer, start_writeback
+from backupkit.fileio import syncfs as _syncfs  # a module global: tests replace it
 
 TMP_PREFIX = ".tmp-"
 
@@ -100,22 +98,7 @@ class Storage(Protocol):
         ...
 
 
-_libc_syncfs: Any = None
-with contextlib.suppress(OSError, AttributeError):  # not glibc/Linux: os.sync()
-    _libc_syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-
-
 _SYNCFS_DIRS = 8  # more changed directories than this: one syncfs instead of an fsync each
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2): write back and commit everything on fd's filesystem (os.sync() without it)."""
-    if _libc_syncfs is None:  # pragma: no cover
-        os.sync()
-        return
-    if _libc_syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _close_all(fds: dict[tuple[str, ...], int]) -> None:
@@ -151,8 +134,6 @@ class LocalStorage:
 
     #: publish deferred objects once this many bytes are waiting
     flush_bytes = 256 * 1024 * 1024
-    #: start writing deferred objects to disk as soon as they are written
-    early_writeback = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -329,7 +310,7 @@ class LocalStorage:
                 _write_all(fd, bufs)
                 if sync:
                     os.fsync(fd)
-                elif self.early_writeback:
+                else:
                     start_writeback(fd)  # the batch's syncfs then finds little to write
             finally:
                 os.close(fd)
