@@ -338,9 +338,11 @@ def _stderr(e: CommandFailed) -> str:
     return str(e.fields.get("stderr", ""))
 
 
-def _locked(e: CommandFailed) -> bool:
+def _raise_if_locked(e: CommandFailed, image: str) -> None:
+    """qemu-img could not take the image's lock: ImageInUse (a running process holds it)."""
     text = _stderr(e).lower()
-    return "failed to get" in text and "lock" in text
+    if "failed to get" in text and "lock" in text:
+        raise ImageInUse(_LOCKED, image=image, stderr=_stderr(e)) from e
 
 
 def read_chain(path: str, *, runner: proc.Runner | None = None) -> list[qemu.ImageInfo]:
@@ -348,8 +350,7 @@ def read_chain(path: str, *, runner: proc.Runner | None = None) -> list[qemu.Ima
     try:
         return qemu.chain(path, force_share=False, runner=runner)
     except CommandFailed as e:
-        if _locked(e):
-            raise ImageInUse(_LOCKED, image=path, stderr=_stderr(e)) from e
+        _raise_if_locked(e, path)
         raise
 
 
@@ -357,8 +358,7 @@ def read_info(path: str, *, runner: proc.Runner | None = None) -> qemu.ImageInfo
     try:
         return qemu.info(path, force_share=False, runner=runner)
     except CommandFailed as e:
-        if _locked(e):
-            raise ImageInUse(_LOCKED, image=path, stderr=_stderr(e)) from e
+        _raise_if_locked(e, path)
         raise
 
 
@@ -408,8 +408,7 @@ def apply(actions: Sequence[Action], *, runner: proc.Runner | None = None
             else:
                 raise ValueError(f"unknown action {a.op!r}")
         except CommandFailed as e:
-            if _locked(e):
-                raise ImageInUse(_LOCKED, image=a.image, stderr=_stderr(e)) from e
+            _raise_if_locked(e, a.image)
             log.error("%s bitmap %s in %s failed: %s", a.op, a.name, a.image, e)
             failed.append((a, e))
             skip.add((a.image, a.name))
