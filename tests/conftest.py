@@ -59,6 +59,21 @@ def make_domain(libvirt_conn: object, tmp_path: Path
 
 
 @pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only; the test is skipped when it cannot be mounted)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                        capture_output=True, text=True, check=False)
+    if cp.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {cp.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
 def repo_path(tmp_path: Path) -> Path:
     return tmp_path / "repo"
 

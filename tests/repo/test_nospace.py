@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,20 +9,6 @@ import pytest
 from backupkit import errors
 from backupkit.repo import Index, Repository
 from tests.repo.helpers import CHUNK, rand
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                        capture_output=True, text=True, check=False)
-    if cp.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {cp.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.mark.root
