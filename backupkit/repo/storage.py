@@ -132,8 +132,13 @@ def _write_all(fd: int, bufs: Sequence[Buffer]) -> None:
 class LocalStorage:
     """Storage in a local directory (see the module docstring)."""
 
-    #: publish deferred objects once this many bytes are waiting
-    flush_bytes = 256 * 1024 * 1024
+    #: Publish deferred objects once this many bytes are waiting.  Each publish is two
+    #: syncfs(2) calls, and each makes the disk flush its cache, which stalls the reads
+    #: of the disk being backed up when it shares the device: a 2 GiB full backup took
+    #: 10.4 s with a publish every 256 MiB against 9.5 s with one at the end (mean of
+    #: 4 alternated runs).  4 GiB keeps the pending table small (a few thousand
+    #: entries) and bounds what a crashed run has to write again.
+    flush_bytes = 4 * 1024 * 1024 * 1024
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
