@@ -139,6 +139,9 @@ class LocalStorage:
     #: 4 alternated runs).  4 GiB keeps the pending table small (a few thousand
     #: entries) and bounds what a crashed run has to write again.
     flush_bytes = 4 * 1024 * 1024 * 1024
+    #: ... or once this many objects are: the pending table costs about 0.5 KiB an entry,
+    #: and small chunks (down to 4 KiB) would otherwise put a million entries in it.
+    flush_count = 16384
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -357,7 +360,8 @@ class LocalStorage:
                             raced = False
                             self._pending[key] = (parts[:-1], tmp, size)
                             self._pending_bytes += size
-                        full = self._pending_bytes >= self.flush_bytes
+                        full = (self._pending_bytes >= self.flush_bytes
+                                or len(self._pending) >= self.flush_count)
                 finally:
                     self._release_sync_fd()
                 if raced:

@@ -63,6 +63,21 @@ def test_failed_syncfs_is_final_until_discard(tmp_path: Path,
     assert not (Path(st.root) / k1).exists()
 
 
+def test_batch_is_published_by_count_as_well_as_by_bytes(tmp_path: Path) -> None:
+    st = _store(tmp_path)
+    st.flush_count = 3  # small chunks: the pending table, not the bytes, fills first
+    keys = _chunk_keys(4)
+    for k in keys[:2]:
+        assert st.put_if_absent(k, b"x", deferred=True)
+    assert not any((Path(st.root) / k).exists() for k in keys[:2])
+    assert st.put_if_absent(keys[2], b"x", deferred=True)  # the third one publishes all
+    assert all((Path(st.root) / k).read_bytes() == b"x" for k in keys[:3])
+    assert st.put_if_absent(keys[3], b"x", deferred=True)
+    assert not (Path(st.root) / keys[3]).exists()
+    st.flush()
+    assert (Path(st.root) / keys[3]).read_bytes() == b"x"
+
+
 def test_full_batch_publish_failure_is_final_for_other_writers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = _store(tmp_path)
