@@ -805,7 +805,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="skip virtnbdbackup")
     p.add_argument("--warm", action="store_true", help="do not drop page caches")
     p.add_argument("--workdir", help="work directory (default: a new one in /var/tmp)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory and the main run's repository")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory and the main run's repository")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="JSON output directory")
     args = p.parse_args(argv)
     if args.repeat < 1:
