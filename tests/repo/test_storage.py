@@ -63,7 +63,7 @@ def test_failed_syncfs_is_final_until_discard(tmp_path: Path,
     assert not (Path(st.root) / k1).exists()
 
 
-def test_batch_is_published_by_count_as_well_as_by_bytes(tmp_path: Path) -> None:
+def test_batch_is_published_at_flush_count_pending_objects(tmp_path: Path) -> None:
     st = _store(tmp_path)
     st.flush_count = 3  # small chunks: the pending table, not the bytes, fills first
     keys = _chunk_keys(4)
@@ -76,6 +76,20 @@ def test_batch_is_published_by_count_as_well_as_by_bytes(tmp_path: Path) -> None
     assert not (Path(st.root) / keys[3]).exists()
     st.flush()
     assert (Path(st.root) / keys[3]).read_bytes() == b"x"
+
+
+def test_pending_table_is_capped_while_another_writer_publishes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = _store(tmp_path)
+    st.flush_count = 2
+    # Another writer is publishing: the non-blocking publish finds the lock taken.
+    monkeypatch.setattr(st, "_flush_if_idle", lambda: None)
+    keys = _chunk_keys(4)
+    for k in keys[:3]:
+        assert st.put_if_absent(k, b"x", deferred=True)
+    assert not any((Path(st.root) / k).exists() for k in keys[:3])
+    assert st.put_if_absent(keys[3], b"x", deferred=True)  # 2 * flush_count: waits, publishes
+    assert all((Path(st.root) / k).read_bytes() == b"x" for k in keys)
 
 
 def test_full_batch_publish_failure_is_final_for_other_writers(
