@@ -799,8 +799,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated chunk sizes to sweep, SIZE:LEVEL for a zstd level "
                         "('' for none)")
     p.add_argument("--repeat", type=int, default=2,
-                   help="time nbdcopy and the full backup this many times each; the fastest "
-                        "counts (default 2)")
+                   help="time nbdcopy/full backup and convert/restore in this many pairs; "
+                        "the fastest of each counts (default 2)")
     p.add_argument("--seed", type=int, default=20240601)
     p.add_argument("--no-peer", action="store_true", help="skip virtnbdbackup")
     p.add_argument("--warm", action="store_true", help="do not drop page caches")
