@@ -2,9 +2,12 @@
 
 Full: every chunk slot of the disk; slots that block status reports as zero
 are holes and are never read.  Incremental: only slots touched by the dirty
-bitmap; a partly dirty slot starts from the parent backup's chunk (read from
-the repository, hash-checked) and only the dirty ranges are read from NBD, so
-bytes read stay close to bytes written whatever the chunk size.
+bitmap.  A partly dirty slot keeps the parent's chunk and gets pieces: each
+dirty range is read from NBD and stored as a chunk of its own, laid over the
+parent's on restore (docs/format.md), so bytes read, hashed, compressed and
+stored stay close to the bytes that changed whatever the chunk size.  A slot
+that is (almost) all dirty, or that would carry more than MAX_PIECES pieces,
+is read whole and stored as one chunk again.
 
 Several NBD connections read different slots in parallel (libvirt's pull
 export and qemu-nbd allow multi-conn); each reading thread hashes, compresses
@@ -25,6 +28,7 @@ from backupkit import faults
 from backupkit.errors import OperationFailed
 from backupkit.nbd import Client, Extent
 from backupkit.repo import Index, Repository
+from backupkit.repo.index import Piece
 
 Progress = Callable[[int], None]
 
@@ -79,9 +83,8 @@ def read_plan(segs: list[Segment], start: int, length: int, gap: int
     Data segments closer than ``gap`` are read in one request (reading the
     gap too is always correct: the export shows the disk as it is now, and a
     clean gap holds what the parent chunk holds).  A slot whose segments
-    leave at most ``gap`` bytes uncovered is read whole, sparing the parent
-    chunk's read from the repository.  Zero segments outside the reads are
-    filled with zeros by the caller.
+    leave at most ``gap`` bytes uncovered is read whole and stored as one
+    chunk.  Zero segments outside the reads are filled with zeros by the caller.
     """
     covered = sum(s.length for s in segs)
     if covered < length and length - covered <= gap and not all(s.zero for s in segs):
@@ -154,21 +157,41 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
             return
         view = memoryview(buf)[:length]
         reads, covered = read_plan(segs, start, length, gap)
+        pieces: list[Piece] | None = None
         if not covered:
-            # Partly dirty: the clean part is the parent's chunk (hash-checked).
-            old = index[slot] if incremental else None
-            view[:] = repo.get_chunk(old) if old is not None else zeros[:length]
-        for s in segs:
-            if s.zero:
-                view[s.start - start:s.start - start + s.length] = zeros[:s.length]
+            # Partly dirty: the changed ranges become pieces over the parent's chunk,
+            # unless the slot would carry too many; then it is read whole.  Only this
+            # thread handles this slot, so the answer holds until add_pieces below.
+            pieces = _piece_plan(segs, reads, start)
+            with lock:
+                fits = index.can_add_pieces(slot, pieces)
+            if not fits:
+                pieces, reads = None, [(start, length)]
+        elif len(reads) != 1 or reads[0][1] != length:
+            for s in segs:
+                if s.zero:
+                    view[s.start - start:s.start - start + s.length] = zeros[:s.length]
         nread = 0
         with conn_lock:
             for off, n in reads:
                 conn.readinto(off, view[off - start:off - start + n])
                 nread += n
-        digest, stored = repo.put_chunk(view, level)
+        stored = 0
+        digest: bytes | None = None
+        if pieces is None:
+            digest, stored = repo.put_chunk(view, level)
+        else:
+            read_at = {off - start for off, _ in reads}
+            for j, (off, n, _) in enumerate(pieces):
+                if off in read_at:
+                    d, k = repo.put_chunk(view[off:off + n], level)
+                    stored += k
+                    pieces[j] = (off, n, d)
         with lock:
-            index[slot] = digest
+            if pieces is None:
+                index[slot] = digest
+            elif not index.add_pieces(slot, pieces):
+                raise AssertionError(f"slot {slot}: pieces no longer fit")
             result.read_bytes += nread
             result.stored_bytes += stored
             stored_chunks[0] += 1
@@ -207,6 +230,20 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     if errors:
         raise errors[0]
     return result
+
+
+def _piece_plan(segs: list[Segment], reads: list[tuple[int, int]], start: int) -> list[Piece]:
+    """The pieces of a partly dirty slot: one per read, one per zero segment outside them.
+
+    Offsets are relative to the slot; digests are not known yet (None).
+    """
+    pieces: list[Piece] = [(off - start, n, None) for off, n in reads]
+    for s in segs:
+        if s.zero and not any(off <= s.start and s.start + s.length <= off + n
+                              for off, n in reads):
+            pieces.append((s.start - start, s.length, None))
+    pieces.sort()
+    return pieces
 
 
 def _covers(segs: list[Segment], start: int, length: int) -> bool:

@@ -41,7 +41,7 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
                     raise CorruptRepository(
                         f"gc refuses to run: {e.reason}; run verify first", path=repo.path
                     ) from e
-                referenced.update(e for e in index.entries if e is not None)
+                referenced.update(index.digests())
 
         # 2. Backup directories without a manifest: interrupted backups or prunes.
         orphan_dirs: dict[tuple[str, str], list[tuple[str, int]]] = {}

@@ -1,6 +1,7 @@
 """restore: write the disks of one backup into a directory, as qcow2 or sparse raw.
 
-Every backup restores on its own from its index (no chain replay).  Only data
+Every backup restores on its own from its index (no chain replay); a slot with
+pieces is put together in memory (its chunk, then its pieces over it).  Only data
 chunks are written: holes stay holes (a sparse raw file, unallocated qcow2
 clusters).  Several threads read, decompress, check and write chunks at once
 (zstd and hashlib release the GIL) with plain pwrite; qcow2 output is laid out
@@ -128,7 +129,7 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
     (posix_fadvise WILLNEED), so the workers find them in the page cache instead
     of waiting for one cold read each.
     """
-    items = list(index.data_slots())
+    items = list(index.slots())
     slots = iter(items)
     lock = threading.Lock()
     taken = threading.Condition(lock)
@@ -137,19 +138,33 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
     errors: list[BaseException] = []
     cs = repo.chunk_size
     zero = bytes(granularity)
+    zeros = memoryview(bytes(cs))
 
     def prefetch() -> None:
-        for i, (_slot, digest) in enumerate(items):
+        for i, (_slot, digest, pieces) in enumerate(items):
             with taken:
                 while i >= ntaken + PREFETCH and not stop.is_set():
                     taken.wait(0.5)
             if stop.is_set():
                 return
-            _prefetch(repo, digest)
+            if digest is not None:
+                _prefetch(repo, digest)
+            for _off, _n, d in pieces:
+                if d is not None:
+                    _prefetch(repo, d)
+
+    def read(digest: bytes, buf: bytearray, length: int, what: str) -> memoryview:
+        view = memoryview(repo.read_chunk(digest, buf))
+        if view.nbytes != length:
+            raise CorruptRepository(
+                f"chunk {digest.hex()} holds {view.nbytes} bytes, {what} needs {length}",
+                path=repo.path)
+        return view
 
     def work(writer: _Writer) -> None:
         nonlocal ntaken
         buf = bytearray(cs + 1)
+        slot_buf: bytearray | None = None  # a pieced slot is put together here
         try:
             while not stop.is_set():
                 with lock:
@@ -158,14 +173,21 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
                     taken.notify()
                 if item is None:
                     return
-                slot, digest = item
-                data = repo.read_chunk(digest, buf)
-                n = memoryview(data).nbytes
-                if n != index.slot_length(slot):
-                    raise CorruptRepository(
-                        f"chunk {digest.hex()} holds {n} bytes, slot {slot} needs "
-                        f"{index.slot_length(slot)}", path=repo.path)
-                view = memoryview(data)
+                slot, digest, pieces = item
+                n = index.slot_length(slot)
+                if not pieces:
+                    assert digest is not None
+                    view = read(digest, buf, n, f"slot {slot}")
+                else:
+                    if slot_buf is None:
+                        slot_buf = bytearray(cs)
+                    view = memoryview(slot_buf)[:n]
+                    view[:] = (read(digest, buf, n, f"slot {slot}") if digest is not None
+                               else zeros[:n])
+                    for off, length, d in pieces:
+                        view[off:off + length] = (
+                            read(d, buf, length, f"a piece of slot {slot}") if d is not None
+                            else zeros[:length])
                 # Zero blocks inside a chunk stay holes in the output too.
                 for a, b in _data_runs(view, zero):
                     writer.write(slot * cs + a, view[a:b])

@@ -143,7 +143,7 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
                 })
                 continue
             readable.append(rec.name)
-            digests.update(e for e in index.entries if e is not None)
+            digests.update(index.digests())
         good.append((m, readable))
 
     bad, read_bytes = _check_chunks(repo, digests, data, workers, progress_start)
@@ -152,11 +152,12 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
         for m, readable in good:
             for name in readable:
                 index = repo.load_index(m, name)
-                slots = [i for i, e in enumerate(index.entries) if e is not None and e in bad]
+                slots = [i for i, _, _ in index.slots()
+                         if any(d in bad for d in index.slot_digests(i))]
                 if not slots:
                     continue
-                reasons = list(dict.fromkeys(bad[e] for e in index.entries
-                                             if e is not None and e in bad))
+                reasons = list(dict.fromkeys(bad[d] for i in slots
+                                             for d in index.slot_digests(i) if d in bad))
                 damage(m.domain, m.id)["disks"].append({
                     "name": name,
                     "chunks": len(slots),

@@ -1,8 +1,12 @@
-"""The per-disk index: one chunk digest per chunk_size slot of the disk.
+"""The per-disk index: one chunk digest per chunk_size slot of the disk, plus pieces.
 
 File format (docs/format.md): a 32-byte little-endian header, uncompressed,
 then one zstd frame holding count * 32 bytes of SHA-256 digests; an all-zero
 digest marks a hole (a chunk that reads as zeros and is stored as nothing).
+Version 2 appends a piece table to the same frame: a piece is a chunk that
+covers part of a slot and is laid over the slot's chunk (or hole) on restore,
+so an incremental backup stores only the ranges that changed in a partly
+dirty slot.  An index without pieces is written as version 1.
 """
 
 from __future__ import annotations
@@ -15,11 +19,18 @@ import zstandard
 from backupkit.errors import UnsupportedFormat
 
 INDEX_MAGIC = b"BKINDEX\0"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # the newest version this code reads and writes
 DIGEST_SIZE = 32
 HOLE = bytes(DIGEST_SIZE)
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, chunk_size, virtual_size, count
 HEADER_SIZE = _HEADER.size
+_PIECE = struct.Struct("<QII32s")  # slot, offset in the slot, length, digest (zeros: hole)
+#: Pieces one slot may carry.  A writer that would need more stores the slot whole
+#: again, which bounds what restoring one slot reads (its chunk and at most this many).
+MAX_PIECES = 8
+
+#: (offset in the slot, length, digest); digest None: the range reads as zeros.
+Piece = tuple[int, int, bytes | None]
 
 
 class IndexFormatError(ValueError):
@@ -31,9 +42,14 @@ def slot_count(virtual_size: int, chunk_size: int) -> int:
 
 
 class Index:
-    """Chunk digests of one disk of one backup (None = hole)."""
+    """Chunk digests of one disk of one backup (None = hole), and the pieces over them.
 
-    __slots__ = ("chunk_size", "entries", "virtual_size")
+    ``entries[i]`` is slot i's chunk; ``overlays[i]``, if present, lists the
+    pieces laid over it in order (a later piece wins where two overlap).
+    Assigning ``index[i] = digest`` replaces the whole slot (its pieces go).
+    """
+
+    __slots__ = ("chunk_size", "entries", "overlays", "virtual_size")
 
     def __init__(self, virtual_size: int, chunk_size: int,
                  entries: list[bytes | None] | None = None) -> None:
@@ -51,6 +67,7 @@ class Index:
                 if e is not None and (len(e) != DIGEST_SIZE or e == HOLE):
                     raise ValueError("index entries must be 32-byte digests or None")
             self.entries = list(entries)
+        self.overlays: dict[int, list[Piece]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -65,25 +82,29 @@ class Index:
             if digest == HOLE:
                 digest = None
         self.entries[i] = digest
+        self.overlays.pop(i, None)
 
     def __iter__(self) -> Iterator[bytes | None]:
         return iter(self.entries)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Index) and self.virtual_size == other.virtual_size
-                and self.chunk_size == other.chunk_size and self.entries == other.entries)
+                and self.chunk_size == other.chunk_size and self.entries == other.entries
+                and self.overlays == other.overlays)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (f"Index(virtual_size={self.virtual_size}, chunk_size={self.chunk_size}, "
-                f"data_slots={sum(e is not None for e in self.entries)}/{len(self)})")
+                f"data_slots={sum(e is not None for e in self.entries)}/{len(self)}, "
+                f"pieced_slots={len(self.overlays)})")
 
     def copy(self) -> Index:
         new = Index.__new__(Index)
         new.virtual_size = self.virtual_size
         new.chunk_size = self.chunk_size
         new.entries = list(self.entries)
+        new.overlays = {i: list(p) for i, p in self.overlays.items()}
         return new
 
     def slot_length(self, i: int) -> int:
@@ -93,23 +114,92 @@ class Index:
 
     @property
     def data_bytes(self) -> int:
-        """Bytes of the disk that are not holes."""
+        """Bytes of the disk that are not holes (a pieced hole slot counts its data pieces)."""
         n = sum(e is not None for e in self.entries)
+        total = n * self.chunk_size
         if n and self.entries and self.entries[-1] is not None:
-            return (n - 1) * self.chunk_size + self.slot_length(len(self.entries) - 1)
-        return n * self.chunk_size
+            total += self.slot_length(len(self.entries) - 1) - self.chunk_size
+        for i, pieces in self.overlays.items():
+            if self.entries[i] is None:
+                total += min(self.slot_length(i), sum(n for _, n, d in pieces if d is not None))
+        return total
 
     def data_slots(self) -> Iterator[tuple[int, bytes]]:
+        """(slot, chunk digest) of every slot whose chunk is not a hole (pieces aside)."""
         for i, e in enumerate(self.entries):
             if e is not None:
                 yield i, e
 
+    def slots(self) -> Iterator[tuple[int, bytes | None, list[Piece]]]:
+        """(slot, chunk digest or None, pieces) of every slot that may hold data."""
+        overlays = self.overlays
+        for i, e in enumerate(self.entries):
+            pieces = overlays.get(i)
+            if pieces is not None:
+                yield i, e, pieces
+            elif e is not None:
+                yield i, e, []
+
+    def pieces(self, i: int) -> list[Piece]:
+        return list(self.overlays.get(i, ()))
+
+    def slot_digests(self, i: int) -> Iterator[bytes]:
+        """Every chunk slot i needs: its own and its data pieces'."""
+        if self.entries[i] is not None:
+            yield self.entries[i]  # type: ignore[misc]
+        for _, _, d in self.overlays.get(i, ()):
+            if d is not None:
+                yield d
+
+    def digests(self) -> set[bytes]:
+        """Every chunk this index references."""
+        out = {e for e in self.entries if e is not None}
+        for pieces in self.overlays.values():
+            out.update(d for _, _, d in pieces if d is not None)
+        return out
+
+    def _kept(self, i: int, new: list[Piece]) -> list[Piece]:
+        """Slot i's pieces that survive new ones (those no new piece covers completely)."""
+        return [p for p in self.overlays.get(i, ())
+                if not any(o <= p[0] and p[0] + p[1] <= o + n for o, n, _ in new)]
+
+    def can_add_pieces(self, i: int, new: list[Piece]) -> bool:
+        """Whether add_pieces(i, new) would fit in MAX_PIECES."""
+        return len(self._kept(i, new)) + len(new) <= MAX_PIECES
+
+    def add_pieces(self, i: int, new: list[Piece]) -> bool:
+        """Lay new pieces over slot i; False (and no change) if it would need too many.
+
+        Earlier pieces that a new one covers completely are dropped.  The caller
+        then stores the slot whole instead (``index[i] = digest``).
+        """
+        length = self.slot_length(i)
+        for off, n, d in new:
+            if n <= 0 or off < 0 or off + n > length:
+                raise ValueError(f"piece {off}+{n} outside slot {i} of {length} bytes")
+            if d is not None and len(d) != DIGEST_SIZE:
+                raise ValueError("a digest is 32 bytes")
+        merged = self._kept(i, new) + [(o, n, None if d == HOLE else d) for o, n, d in new]
+        if len(merged) > MAX_PIECES:
+            return False
+        if merged:
+            self.overlays[i] = merged
+        else:
+            self.overlays.pop(i, None)
+        return True
+
     # -- serialization -------------------------------------------------------
 
     def to_bytes(self, level: int = 3) -> bytes:
-        header = _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, self.chunk_size, self.virtual_size,
+        # Version 1 when there are no pieces: older readers can read it.
+        version = 2 if self.overlays else 1
+        header = _HEADER.pack(INDEX_MAGIC, version, self.chunk_size, self.virtual_size,
                               len(self.entries))
         payload = b"".join(HOLE if e is None else e for e in self.entries)
+        if self.overlays:
+            payload += b"".join(_PIECE.pack(i, off, n, HOLE if d is None else d)
+                                for i in sorted(self.overlays)
+                                for off, n, d in self.overlays[i])
         cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
         return header + cctx.compress(payload)
 
@@ -131,12 +221,19 @@ class Index:
             raise IndexFormatError(
                 f"inconsistent header: {count} slots for {virtual_size} bytes "
                 f"in chunks of {chunk_size}")
-        expected = count * DIGEST_SIZE
+        base = count * DIGEST_SIZE
         payload_in = memoryview(data)[HEADER_SIZE:]
         try:
             content = zstandard.frame_content_size(payload_in)
         except zstandard.ZstdError as e:
             raise IndexFormatError(f"bad compressed payload: {e}") from e
+        npieces = 0
+        if version >= 2 and content > base:
+            npieces, rest = divmod(content - base, _PIECE.size)
+            if rest or npieces > count * MAX_PIECES:
+                raise IndexFormatError(f"payload of {content} bytes does not fit {count} "
+                                       "slots and a piece table")
+        expected = base + npieces * _PIECE.size
         if content != expected:
             raise IndexFormatError(f"payload holds {content} bytes, header says {expected}")
         try:
@@ -148,10 +245,22 @@ class Index:
             raise IndexFormatError("payload has the wrong size")
         entries: list[bytes | None] = [
             None if (d := payload[i:i + DIGEST_SIZE]) == HOLE else d
-            for i in range(0, expected, DIGEST_SIZE)
+            for i in range(0, base, DIGEST_SIZE)
         ]
         idx = cls.__new__(cls)
         idx.virtual_size = virtual_size
         idx.chunk_size = chunk_size
         idx.entries = entries
+        idx.overlays = {}
+        last = -1
+        for slot, off, n, d in _PIECE.iter_unpack(payload[base:]):
+            if slot >= count or slot < last:
+                raise IndexFormatError(f"piece for slot {slot} out of order or range")
+            last = slot
+            if n == 0 or off + n > idx.slot_length(slot):
+                raise IndexFormatError(f"piece {off}+{n} does not fit slot {slot}")
+            pieces = idx.overlays.setdefault(slot, [])
+            if len(pieces) == MAX_PIECES:
+                raise IndexFormatError(f"slot {slot} has more than {MAX_PIECES} pieces")
+            pieces.append((off, n, None if d == HOLE else d))
         return idx

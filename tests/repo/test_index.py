@@ -1,0 +1,95 @@
+"""Index pieces: merging, the per-slot cap, and the version 1/2 encodings (pure logic)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import zstandard
+
+from backupkit.errors import UnsupportedFormat
+from backupkit.repo.index import (
+    HEADER_SIZE,
+    INDEX_MAGIC,
+    MAX_PIECES,
+    Index,
+    IndexFormatError,
+)
+
+CS = 1 << 20
+A, B, C = (bytes([n]) * 32 for n in (1, 2, 3))
+
+
+def test_pieces_merge_and_drop_covered_ones() -> None:
+    idx = Index(3 * CS, CS, [A, None, A])
+    assert idx.add_pieces(0, [(0, 65536, B), (131072, 65536, None)])
+    # A new piece that covers an old one completely replaces it; a partial overlap stays.
+    assert idx.add_pieces(0, [(0, 131072, C), (150000, 10, B)])
+    assert idx.pieces(0) == [(131072, 65536, None), (0, 131072, C), (150000, 10, B)]
+    assert set(idx.slot_digests(0)) == {A, B, C}
+    assert idx.digests() == {A, B, C}
+    idx.add_pieces(1, [(0, 4096, B)])  # over a hole
+    assert [s for s, _, _ in idx.slots()] == [0, 1, 2]
+    assert idx.data_bytes == 2 * CS + 4096
+    idx[0] = A  # storing the slot whole drops its pieces
+    assert idx.pieces(0) == [] and idx.digests() == {A, B}
+
+
+def test_too_many_pieces_are_refused_unchanged() -> None:
+    idx = Index(CS, CS, [A])
+    for i in range(MAX_PIECES):
+        assert idx.add_pieces(0, [(i * 4096, 4096, B)])
+    assert not idx.can_add_pieces(0, [(CS - 4096, 4096, C)])
+    assert not idx.add_pieces(0, [(CS - 4096, 4096, C)])
+    assert len(idx.pieces(0)) == MAX_PIECES
+    assert idx.can_add_pieces(0, [(0, CS, C)])  # covers them all
+
+
+@pytest.mark.parametrize("piece", [(0, 0, A), (CS - 10, 11, A), (-1, 5, A)])
+def test_pieces_must_fit_their_slot(piece: tuple[int, int, bytes]) -> None:
+    with pytest.raises(ValueError):
+        Index(CS, CS, [A]).add_pieces(0, [piece])
+
+
+def test_version_1_without_pieces_version_2_with() -> None:
+    idx = Index(2 * CS + 512, CS, [A, None, B])
+    data = idx.to_bytes()
+    assert struct.unpack_from("<I", data, 8)[0] == 1
+    idx.add_pieces(2, [(0, 512, None)])
+    idx.add_pieces(1, [(4096, 8192, C), (0, 100, A)])
+    data = idx.to_bytes()
+    assert struct.unpack_from("<I", data, 8)[0] == 2
+    back = Index.from_bytes(data)
+    assert back == idx and back.pieces(1) == [(4096, 8192, C), (0, 100, A)]
+    assert back.copy() == idx
+
+
+def _v2(count: int, size: int, table: bytes, version: int = 2) -> bytes:
+    header = struct.pack("<8sIIQQ", INDEX_MAGIC, version, CS, size, count)
+    payload = A * count + table
+    return header + zstandard.ZstdCompressor(write_content_size=True).compress(payload)
+
+
+@pytest.mark.parametrize("table, match", [
+    (struct.pack("<QII32s", 5, 0, 10, B), "out of order or range"),
+    (struct.pack("<QII32s", 1, 0, 10, B) + struct.pack("<QII32s", 0, 0, 10, B),
+     "out of order or range"),
+    (struct.pack("<QII32s", 0, CS - 1, 2, B), "does not fit"),
+    (struct.pack("<QII32s", 0, 0, 0, B), "does not fit"),
+    (struct.pack("<QII32s", 0, 0, 10, B)[:-1], "does not fit"),
+    (struct.pack("<QII32s", 0, 0, 10, B) * (MAX_PIECES + 1), "more than"),
+])
+def test_bad_piece_tables_are_format_errors(table: bytes, match: str) -> None:
+    with pytest.raises(IndexFormatError, match=match):
+        Index.from_bytes(_v2(2, 2 * CS, table))
+
+
+def test_pieces_in_a_version_1_index_are_not_read_as_pieces() -> None:
+    with pytest.raises(IndexFormatError, match="payload holds"):
+        Index.from_bytes(_v2(2, 2 * CS, struct.pack("<QII32s", 0, 0, 10, B), version=1))
+
+
+def test_newer_version_is_refused() -> None:
+    with pytest.raises(UnsupportedFormat, match="version 3 is newer"):
+        Index.from_bytes(_v2(1, CS, b"", version=3))
+    assert HEADER_SIZE == 32
