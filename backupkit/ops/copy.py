@@ -125,6 +125,7 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     stop = threading.Event()
     errors: list[BaseException] = []
     stored_chunks = [0]
+    reserved = [0]  # pieces promised to slots in flight (Index.can_add_pieces)
     slots = slot_segments(client.extents(), cs, dirty_only=incremental)
 
     # client serves block status only; data is read over clones of it, so a thread
@@ -145,8 +146,13 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
         with lock:
             return next(slots, None)
 
-    def copy_slot(conn: Client, conn_lock: threading.Lock, buf: bytearray, slot: int,
-                  segs: list[Segment]) -> None:
+    def _done(length: int) -> None:
+        if progress:
+            with lock:
+                progress(length)
+
+    def copy_slot(conn: Client, conn_lock: threading.Lock, buf: bytearray,
+                  scratch: bytearray, slot: int, segs: list[Segment]) -> None:
         start = slot * cs
         length = min(cs, size - start)
         if all(s.zero for s in segs) and _covers(segs, start, length):
@@ -157,17 +163,30 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
             return
         view = memoryview(buf)[:length]
         reads, covered = read_plan(segs, start, length, gap)
+        if reads == [(start, length)]:
+            covered = True  # the reads, bridging clean gaps, take in the whole slot
         pieces: list[Piece] | None = None
+        grows = 0
         if not covered:
-            # Partly dirty: the changed ranges become pieces over the parent's chunk,
-            # unless the slot would carry too many; then it is read whole.  Only this
-            # thread handles this slot, so the answer holds until add_pieces below.
-            pieces = _piece_plan(segs, reads, start)
+            # Partly dirty: the changed ranges become pieces over the parent's chunk.
+            # Only this thread handles this slot, so what it sees holds until the end.
             with lock:
-                fits = index.can_add_pieces(slot, pieces)
+                base, old = index[slot], index.pieces(slot)
+                pieces = _piece_plan(segs, reads, start, base is None and not old)
+                fits = bool(pieces) and index.can_add_pieces(slot, pieces, reserved[0])
+                if fits:
+                    # Hold the room until add_pieces below: other threads add pieces too.
+                    grows = max(0, index.pieces_added(slot, pieces) or 0)
+                    reserved[0] += grows
+            if not pieces:
+                _done(length)  # only zeros written over a hole: nothing changes
+                return
             if not fits:
-                pieces, reads = None, [(start, length)]
-        elif len(reads) != 1 or reads[0][1] != length:
+                # Too many pieces: store the slot whole, its clean part read back from
+                # the repository (hash-checked) so that only dirty ranges come from NBD.
+                pieces = None
+                repo.read_slot(base, old, view, scratch)
+        if pieces is None and (len(reads) != 1 or reads[0][1] != length):
             for s in segs:
                 if s.zero:
                     view[s.start - start:s.start - start + s.length] = zeros[:s.length]
@@ -190,8 +209,10 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
         with lock:
             if pieces is None:
                 index[slot] = digest
-            elif not index.add_pieces(slot, pieces):
-                raise AssertionError(f"slot {slot}: pieces no longer fit")
+            else:
+                reserved[0] -= grows
+                if not index.add_pieces(slot, pieces):
+                    raise AssertionError(f"slot {slot}: pieces no longer fit")
             result.read_bytes += nread
             result.stored_bytes += stored
             stored_chunks[0] += 1
@@ -204,12 +225,13 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     def work(i: int) -> None:
         conn, conn_lock = conns[i % len(conns)]
         buf = bytearray(cs)  # reused for every chunk of this thread
+        scratch = bytearray(cs + 1)  # reading back a slot's chunks from the repository
         try:
             while not stop.is_set():
                 item = next_slot()
                 if item is None:
                     return
-                copy_slot(conn, conn_lock, buf, *item)
+                copy_slot(conn, conn_lock, buf, scratch, *item)
         except BaseException as e:
             stop.set()
             with lock:
@@ -232,15 +254,18 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     return result
 
 
-def _piece_plan(segs: list[Segment], reads: list[tuple[int, int]], start: int) -> list[Piece]:
+def _piece_plan(segs: list[Segment], reads: list[tuple[int, int]], start: int,
+                over_nothing: bool) -> list[Piece]:
     """The pieces of a partly dirty slot: one per read, one per zero segment outside them.
 
-    Offsets are relative to the slot; digests are not known yet (None).
+    Offsets are relative to the slot; digests are not known yet (None).  With
+    over_nothing (a hole slot without pieces), zero segments are left out: they
+    would change nothing.
     """
     pieces: list[Piece] = [(off - start, n, None) for off, n in reads]
     for s in segs:
-        if s.zero and not any(off <= s.start and s.start + s.length <= off + n
-                              for off, n in reads):
+        if s.zero and not over_nothing and not any(
+                off <= s.start and s.start + s.length <= off + n for off, n in reads):
             pieces.append((s.start - start, s.length, None))
     pieces.sort()
     return pieces

@@ -138,7 +138,6 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
     errors: list[BaseException] = []
     cs = repo.chunk_size
     zero = bytes(granularity)
-    zeros = memoryview(bytes(cs))
 
     def prefetch() -> None:
         for i, (_slot, digest, pieces) in enumerate(items):
@@ -152,14 +151,6 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
             for _off, _n, d in pieces:
                 if d is not None:
                     _prefetch(repo, d)
-
-    def read(digest: bytes, buf: bytearray, length: int, what: str) -> memoryview:
-        view = memoryview(repo.read_chunk(digest, buf))
-        if view.nbytes != length:
-            raise CorruptRepository(
-                f"chunk {digest.hex()} holds {view.nbytes} bytes, {what} needs {length}",
-                path=repo.path)
-        return view
 
     def work(writer: _Writer) -> None:
         nonlocal ntaken
@@ -175,25 +166,25 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
                     return
                 slot, digest, pieces = item
                 n = index.slot_length(slot)
-                if not pieces:
-                    assert digest is not None
-                    view = read(digest, buf, n, f"slot {slot}")
-                else:
+                if pieces:
                     if slot_buf is None:
                         slot_buf = bytearray(cs)
                     view = memoryview(slot_buf)[:n]
-                    view[:] = (read(digest, buf, n, f"slot {slot}") if digest is not None
-                               else zeros[:n])
-                    for off, length, d in pieces:
-                        view[off:off + length] = (
-                            read(d, buf, length, f"a piece of slot {slot}") if d is not None
-                            else zeros[:length])
+                    repo.read_slot(digest, pieces, view, buf)
+                else:
+                    assert digest is not None
+                    view = memoryview(repo.read_chunk(digest, buf))
+                    if view.nbytes != n:
+                        raise CorruptRepository(
+                            f"chunk {digest.hex()} holds {view.nbytes} bytes, slot {slot} "
+                            f"needs {n}", path=repo.path)
                 # Zero blocks inside a chunk stay holes in the output too.
                 for a, b in _data_runs(view, zero):
                     writer.write(slot * cs + a, view[a:b])
                 if progress is not None:
+                    done = n if digest is not None else index.slot_data_bytes(slot)
                     with lock:
-                        progress(n)
+                        progress(done)
         except BaseException as e:
             stop.set()
             with lock:

@@ -15,7 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from backupkit.errors import CorruptRepository, Error, IntegrityError, RepositoryError
+from backupkit.errors import (
+    CorruptRepository,
+    Error,
+    IntegrityError,
+    RepositoryError,
+    UnsupportedFormat,
+)
 from backupkit.repo import Index, Manifest, Repository
 
 MAX_PROBLEMS = 20  # distinct problem messages listed per damaged item
@@ -52,7 +58,7 @@ def _ranges(index: Index, slots: list[int]) -> list[dict[str, int]]:
 ProgressStart = Callable[[str, int], Callable[[int], None] | None]
 
 
-def _check_chunks(repo: Repository, digests: set[bytes], data: bool, workers: int,
+def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, workers: int,
                   progress_start: ProgressStart | None = None) -> tuple[dict[bytes, str], int]:
     """Bad digests with the reason, and bytes read."""
     bad: dict[bytes, str] = {}
@@ -61,7 +67,7 @@ def _check_chunks(repo: Repository, digests: set[bytes], data: bool, workers: in
     read_total = 0
     progress = None
     if progress_start and data:
-        progress = progress_start("verify", len(digests) * repo.chunk_size)
+        progress = progress_start("verify", sum(digests.values()))
 
     def work() -> None:
         nonlocal read_total
@@ -117,7 +123,7 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
     started = time.monotonic()
     damaged: dict[tuple[str, str], dict[str, Any]] = {}
     good: list[tuple[Manifest, list[str]]] = []  # manifests with their readable disks
-    digests: set[bytes] = set()
+    digests: dict[bytes, int] = {}  # chunk -> its length (for progress)
     backups = disks = 0
 
     def damage(d: str, bid: str) -> dict[str, Any]:
@@ -127,8 +133,8 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
     for d, bid, m in _targets(repo, domain, backup):
         backups += 1
         if isinstance(m, Error):
-            if not isinstance(m, RepositoryError):
-                raise m
+            if not isinstance(m, RepositoryError) or isinstance(m, UnsupportedFormat):
+                raise m  # a newer backupkit's backup is not damage: exit 1, upgrade
             damage(d, bid)["problems"].append(str(m))
             continue
         readable = []
@@ -136,6 +142,8 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
             disks += 1
             try:
                 index = repo.load_index(m, rec.name)
+            except UnsupportedFormat:
+                raise
             except RepositoryError as e:
                 damage(d, bid)["disks"].append({
                     "name": rec.name, "problems": [e.reason],
@@ -143,7 +151,10 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
                 })
                 continue
             readable.append(rec.name)
-            digests.update(index.digests())
+            for _slot, digest, pieces in index.slots():
+                if digest is not None:
+                    digests[digest] = index.chunk_size
+                digests.update((p, n) for _, n, p in pieces if p is not None)
         good.append((m, readable))
 
     bad, read_bytes = _check_chunks(repo, digests, data, workers, progress_start)

@@ -29,6 +29,15 @@ _PIECE = struct.Struct("<QII32s")  # slot, offset in the slot, length, digest (z
 #: again, which bounds what restoring one slot reads (its chunk and at most this many).
 MAX_PIECES = 8
 
+
+def piece_limit(count: int) -> int:
+    """Pieces one index of ``count`` slots may hold in all.
+
+    Bounds the index file (48 bytes a piece) and its memory whatever the disk
+    size: half a piece per slot on average, plus room for small disks.
+    """
+    return count // 2 + 4096
+
 #: (offset in the slot, length, digest); digest None: the range reads as zeros.
 Piece = tuple[int, int, bytes | None]
 
@@ -49,7 +58,7 @@ class Index:
     Assigning ``index[i] = digest`` replaces the whole slot (its pieces go).
     """
 
-    __slots__ = ("chunk_size", "entries", "overlays", "virtual_size")
+    __slots__ = ("chunk_size", "entries", "npieces", "overlays", "virtual_size")
 
     def __init__(self, virtual_size: int, chunk_size: int,
                  entries: list[bytes | None] | None = None) -> None:
@@ -68,6 +77,7 @@ class Index:
                     raise ValueError("index entries must be 32-byte digests or None")
             self.entries = list(entries)
         self.overlays: dict[int, list[Piece]] = {}
+        self.npieces = 0  # pieces in overlays, kept up to date
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -82,7 +92,7 @@ class Index:
             if digest == HOLE:
                 digest = None
         self.entries[i] = digest
-        self.overlays.pop(i, None)
+        self._set_pieces(i, [])
 
     def __iter__(self) -> Iterator[bytes | None]:
         return iter(self.entries)
@@ -105,6 +115,7 @@ class Index:
         new.chunk_size = self.chunk_size
         new.entries = list(self.entries)
         new.overlays = {i: list(p) for i, p in self.overlays.items()}
+        new.npieces = self.npieces
         return new
 
     def slot_length(self, i: int) -> int:
@@ -114,14 +125,29 @@ class Index:
 
     @property
     def data_bytes(self) -> int:
-        """Bytes of the disk that are not holes (a pieced hole slot counts its data pieces)."""
+        """Bytes of the disk that are not holes (the sum of slot_data_bytes)."""
         n = sum(e is not None for e in self.entries)
         total = n * self.chunk_size
         if n and self.entries and self.entries[-1] is not None:
             total += self.slot_length(len(self.entries) - 1) - self.chunk_size
-        for i, pieces in self.overlays.items():
+        for i in self.overlays:
             if self.entries[i] is None:
-                total += min(self.slot_length(i), sum(n for _, n, d in pieces if d is not None))
+                total += self.slot_data_bytes(i)
+        return total
+
+    def slot_data_bytes(self, i: int) -> int:
+        """Bytes of slot i a restore writes: all of it over a chunk, else its data pieces'.
+
+        For a hole slot, the union of its data pieces' ranges (zero pieces and
+        overlaps counted once).
+        """
+        if self.entries[i] is not None:
+            return self.slot_length(i)
+        total = end = 0
+        for off, n in sorted((o, n) for o, n, d in self.overlays.get(i, ()) if d is not None):
+            if off + n > end:
+                total += off + n - max(off, end)
+                end = off + n
         return total
 
     def data_slots(self) -> Iterator[tuple[int, bytes]]:
@@ -163,9 +189,25 @@ class Index:
         return [p for p in self.overlays.get(i, ())
                 if not any(o <= p[0] and p[0] + p[1] <= o + n for o, n, _ in new)]
 
-    def can_add_pieces(self, i: int, new: list[Piece]) -> bool:
-        """Whether add_pieces(i, new) would fit in MAX_PIECES."""
-        return len(self._kept(i, new)) + len(new) <= MAX_PIECES
+    def pieces_added(self, i: int, new: list[Piece]) -> int | None:
+        """How many pieces add_pieces(i, new) would add in all (negative: remove), or
+        None if slot i would then carry more than MAX_PIECES."""
+        n = len(self._kept(i, new)) + len(new)
+        return n - len(self.overlays.get(i, ())) if n <= MAX_PIECES else None
+
+    def can_add_pieces(self, i: int, new: list[Piece], reserved: int = 0) -> bool:
+        """Whether add_pieces(i, new) would fit: MAX_PIECES for the slot, piece_limit in
+        all, with ``reserved`` more pieces promised to other slots."""
+        delta = self.pieces_added(i, new)
+        return delta is not None and \
+            self.npieces + reserved + delta <= piece_limit(len(self))
+
+    def _set_pieces(self, i: int, pieces: list[Piece]) -> None:
+        self.npieces += len(pieces) - len(self.overlays.get(i, ()))
+        if pieces:
+            self.overlays[i] = pieces
+        else:
+            self.overlays.pop(i, None)
 
     def add_pieces(self, i: int, new: list[Piece]) -> bool:
         """Lay new pieces over slot i; False (and no change) if it would need too many.
@@ -179,13 +221,10 @@ class Index:
                 raise ValueError(f"piece {off}+{n} outside slot {i} of {length} bytes")
             if d is not None and len(d) != DIGEST_SIZE:
                 raise ValueError("a digest is 32 bytes")
-        merged = self._kept(i, new) + [(o, n, None if d == HOLE else d) for o, n, d in new]
-        if len(merged) > MAX_PIECES:
+        if not self.can_add_pieces(i, new):
             return False
-        if merged:
-            self.overlays[i] = merged
-        else:
-            self.overlays.pop(i, None)
+        self._set_pieces(i, self._kept(i, new) + [(o, n, None if d == HOLE else d)
+                                                  for o, n, d in new])
         return True
 
     # -- serialization -------------------------------------------------------
@@ -204,10 +243,16 @@ class Index:
         return header + cctx.compress(payload)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Index:
-        """Parse an index file; IndexFormatError / UnsupportedFormat on bad input."""
+    def from_bytes(cls, data: bytes, *, virtual_size: int | None = None,
+                   chunk_size: int | None = None) -> Index:
+        """Parse an index file; IndexFormatError / UnsupportedFormat on bad input.
+
+        With virtual_size/chunk_size, a header that disagrees is rejected before
+        anything is decompressed (so a damaged header cannot ask for a huge buffer).
+        """
         if len(data) < HEADER_SIZE:
             raise IndexFormatError(f"truncated ({len(data)} bytes)")
+        want_size, want_chunk = virtual_size, chunk_size
         magic, version, chunk_size, virtual_size, count = _HEADER.unpack_from(data)
         if magic != INDEX_MAGIC:
             raise IndexFormatError("not an index file (bad magic)")
@@ -221,6 +266,11 @@ class Index:
             raise IndexFormatError(
                 f"inconsistent header: {count} slots for {virtual_size} bytes "
                 f"in chunks of {chunk_size}")
+        if (want_size is not None and virtual_size != want_size) or \
+                (want_chunk is not None and chunk_size != want_chunk):
+            raise IndexFormatError(
+                f"header says {virtual_size} bytes in chunks of {chunk_size}, expected "
+                f"{want_size} in chunks of {want_chunk}")
         base = count * DIGEST_SIZE
         payload_in = memoryview(data)[HEADER_SIZE:]
         try:
@@ -230,7 +280,7 @@ class Index:
         npieces = 0
         if version >= 2 and content > base:
             npieces, rest = divmod(content - base, _PIECE.size)
-            if rest or npieces > count * MAX_PIECES:
+            if rest or npieces > piece_limit(count):
                 raise IndexFormatError(f"payload of {content} bytes does not fit {count} "
                                        "slots and a piece table")
         expected = base + npieces * _PIECE.size
@@ -239,7 +289,7 @@ class Index:
         try:
             payload = zstandard.ZstdDecompressor().decompress(
                 payload_in, max_output_size=expected, allow_extra_data=False)
-        except zstandard.ZstdError as e:
+        except (zstandard.ZstdError, MemoryError, OverflowError) as e:
             raise IndexFormatError(f"bad compressed payload: {e}") from e
         if len(payload) != expected:
             raise IndexFormatError("payload has the wrong size")
@@ -252,6 +302,7 @@ class Index:
         idx.chunk_size = chunk_size
         idx.entries = entries
         idx.overlays = {}
+        idx.npieces = npieces
         last = -1
         for slot, off, n, d in _PIECE.iter_unpack(payload[base:]):
             if slot >= count or slot < last:

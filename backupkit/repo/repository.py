@@ -9,7 +9,7 @@ import os
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ from backupkit.errors import (
 )
 from backupkit.fileio import Buffer
 from backupkit.repo import locks
-from backupkit.repo.index import Index, IndexFormatError
+from backupkit.repo.index import Index, IndexFormatError, Piece
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
 from backupkit.repo.storage import LocalStorage, Storage
@@ -83,6 +83,7 @@ class Repository:
         self.compression_level: int = config["compression_level"]
         self._tls = threading.local()
         self._zero_digests: dict[int, bytes] = {}
+        self._zeros = memoryview(bytes(self.chunk_size))
 
     # -- creation ------------------------------------------------------------
 
@@ -229,6 +230,27 @@ class Repository:
         with self._missing_is_damage(digest):
             raw = self.storage.get_into(chunk_key(digest), buf)
         return self._checked(self._decode(raw, digest), digest, verify)
+
+    def read_slot(self, digest: bytes | None, pieces: Sequence[Piece], out: memoryview,
+                  buf: bytearray) -> None:
+        """Put one slot together in out: its chunk (or zeros), then its pieces over it.
+
+        buf (len >= chunk_size + 1) is scratch space.  Each chunk is hash-checked
+        and must be exactly as long as what it fills; CorruptRepository otherwise.
+        """
+        def fill(d: bytes | None, dst: memoryview, what: str) -> None:
+            if d is None:
+                dst[:] = self._zeros[:len(dst)]
+                return
+            data = memoryview(self.read_chunk(d, buf))
+            if data.nbytes != len(dst):
+                raise CorruptRepository(f"chunk {d.hex()} holds {data.nbytes} bytes, {what} "
+                                        f"needs {len(dst)}", path=self.path)
+            dst[:] = data
+
+        fill(digest, out, "the slot")
+        for off, n, d in pieces:
+            fill(d, out[off:off + n], f"a piece at {off}")
 
     @contextlib.contextmanager
     def _missing_is_damage(self, digest: bytes) -> Iterator[None]:
@@ -410,7 +432,8 @@ class Repository:
             raise CorruptRepository(f"{where}: index {key} does not match the checksum in "
                                     "its manifest", path=self.path)
         try:
-            idx = Index.from_bytes(data)
+            idx = Index.from_bytes(data, virtual_size=rec.virtual_size,
+                                   chunk_size=self.chunk_size)
         except IndexFormatError as e:
             raise CorruptRepository(f"{where}: index {key}: {e}", path=self.path) from e
         except UnsupportedFormat as e:

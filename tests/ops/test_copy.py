@@ -117,15 +117,20 @@ def test_incremental_chain_of_pieces_restores_every_point(tmp_path: Path) -> Non
     assert second.pieces(1)[0][2] is None  # the zeroed range, stored as nothing
     # Step 3's 256 KiB write covers step 2's piece in slot 3: one piece left there.
     assert len(repo.load_index(manifests[2], "vda").pieces(3)) == 1
-    # Step 5 would have put a ninth piece on slot 0: it was read whole and stored as a chunk.
-    assert index.pieces(0) == [] and reads[4] >= 1 * MiB
+    # Step 5 would have put a ninth piece on slot 0: the slot was stored whole again, its
+    # clean part read back from the repository, so NBD still served only the dirty ranges.
+    assert index.pieces(0) == [] and index[0] != second[0]
+    # Slot 0's three writes, and the short tail slot whole (its clean part is within the gap).
+    assert reads[4] == 3 * 64 * KiB + 192 * KiB
     assert reads[1] < 2 * MiB  # only the dirty ranges (and slot 2, all dirty) were read
     assert verify(repo, data=True)["ok"]
 
     for m, want in zip(manifests, expected, strict=True):
         for fmt in ("raw", "qcow2"):
             out = tmp_path / f"out-{m.id}-{fmt}"
-            restore(repo, "vm", m.id, str(out), fmt=fmt)
+            done: list[int] = []
+            res = restore(repo, "vm", m.id, str(out), fmt=fmt, progress=done.append)
+            assert sum(done) == res["data_bytes"]  # progress ends at 100 %
             got = _raw(out / f"vda.{fmt}", tmp_path, fmt)
             assert got == want, f"{m.id} as {fmt} differs"
 
@@ -140,6 +145,25 @@ def test_incremental_chain_of_pieces_restores_every_point(tmp_path: Path) -> Non
     restore(repo, "vm", manifests[-1].id, str(out), fmt="raw")
     assert (out / "vda.raw").read_bytes() == expected[-1]
     assert verify(repo, data=True)["ok"]
+
+
+def test_zeros_over_a_hole_change_nothing(tmp_path: Path) -> None:
+    """Zeroing part of a hole slot adds no piece; data over a hole is a piece over nothing."""
+    img = tmp_path / "d.qcow2"
+    qemu.create(str(img), "qcow2", 2 * MiB)
+    repo = Repository.init(str(tmp_path / "r"), chunk_size=1 * MiB)
+    sock = str(tmp_path / "s")
+    with nbd.QemuNbd(str(img), "qcow2", sock) as srv, srv.client() as client:
+        full = copy_disk(client, repo, parent=None).index
+    assert list(full.slots()) == []
+    qemu.bitmap_add(str(img), "b")
+    _io(img, "write -z 64k 64k", "write -P 9 1088k 64k")
+    with nbd.QemuNbd(str(img), "qcow2", sock, bitmap="b") as srv, \
+            srv.client(dirty=True) as client:
+        inc = copy_disk(client, repo, parent=full)
+    assert inc.index.pieces(0) == [] and inc.index[0] is None
+    assert [(o, n) for o, n, _ in inc.index.pieces(1)] == [(64 * KiB, 64 * KiB)]
+    assert inc.index.data_bytes == 64 * KiB and inc.read_bytes == 64 * KiB
 
 
 def _raw(path: Path, tmp: Path, fmt: str = "qcow2") -> bytes:

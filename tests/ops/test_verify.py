@@ -114,3 +114,21 @@ def test_damaged_index_reported(repo: Repository, setup: dict[str, Any]) -> None
 def test_verify_not_found(repo: Repository, setup: dict[str, Any]) -> None:
     with pytest.raises(errors.NotFound):
         verify(repo, "vm1", "20000101T000000Z-000000")
+
+
+def test_a_newer_index_is_not_damage(repo: Repository, setup: dict[str, Any]) -> None:
+    """A backup written by a newer backupkit: exit 1 (upgrade), never exit 5 (damaged)."""
+    import hashlib
+    import struct
+
+    m = setup["b3"]
+    key = Path(repo.path, m.disks[0].index["key"])
+    raw = key.read_bytes()
+    data = raw[:8] + struct.pack("<I", 9) + raw[12:]
+    key.write_bytes(data)
+    p = Path(repo.path, "backups", m.domain, m.id, "manifest.json")
+    doc = json.loads(p.read_bytes())
+    doc["disks"][0]["index"].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    p.write_text(json.dumps(doc))
+    with pytest.raises(errors.UnsupportedFormat, match="version 9 is newer"):
+        verify(repo)

@@ -164,7 +164,7 @@ def test_index_checksum_mismatch(backed_up: tuple[Repository, Manifest]) -> None
     (lambda raw: raw[:8] + struct.pack("<I", 9) + raw[12:], errors.UnsupportedFormat,
      "version 9 is newer"),
     (lambda raw: raw[:16] + struct.pack("<QQ", 1 << 50, (1 << 50) // 65536) + raw[32:],
-     errors.CorruptRepository, "payload holds"),  # a decompression bomb is refused
+     errors.CorruptRepository, "header says"),  # a decompression bomb is refused
     (lambda raw: raw[:24] + struct.pack("<Q", 3) + raw[32:], errors.CorruptRepository,
      "inconsistent header"),
 ])

@@ -14,6 +14,7 @@ from backupkit.repo.index import (
     MAX_PIECES,
     Index,
     IndexFormatError,
+    piece_limit,
 )
 
 CS = 1 << 20
@@ -31,8 +32,11 @@ def test_pieces_merge_and_drop_covered_ones() -> None:
     idx.add_pieces(1, [(0, 4096, B)])  # over a hole
     assert [s for s, _, _ in idx.slots()] == [0, 1, 2]
     assert idx.data_bytes == 2 * CS + 4096
+    idx.add_pieces(1, [(2048, 4096, C), (8192, 100, None)])  # overlaps counted once
+    assert idx.slot_data_bytes(1) == 6144 and idx.data_bytes == 2 * CS + 6144
+    assert idx.npieces == 6
     idx[0] = A  # storing the slot whole drops its pieces
-    assert idx.pieces(0) == [] and idx.digests() == {A, B}
+    assert idx.pieces(0) == [] and idx.digests() == {A, B, C} and idx.npieces == 3
 
 
 def test_too_many_pieces_are_refused_unchanged() -> None:
@@ -78,6 +82,7 @@ def _v2(count: int, size: int, table: bytes, version: int = 2) -> bytes:
     (struct.pack("<QII32s", 0, 0, 0, B), "does not fit"),
     (struct.pack("<QII32s", 0, 0, 10, B)[:-1], "does not fit"),
     (struct.pack("<QII32s", 0, 0, 10, B) * (MAX_PIECES + 1), "more than"),
+    (struct.pack("<QII32s", 1, 0, 10, B) * (piece_limit(2) + 1), "does not fit"),
 ])
 def test_bad_piece_tables_are_format_errors(table: bytes, match: str) -> None:
     with pytest.raises(IndexFormatError, match=match):
@@ -93,3 +98,30 @@ def test_newer_version_is_refused() -> None:
     with pytest.raises(UnsupportedFormat, match="version 3 is newer"):
         Index.from_bytes(_v2(1, CS, b"", version=3))
     assert HEADER_SIZE == 32
+
+
+def test_pieces_in_all_are_capped_per_index() -> None:
+    """piece_limit bounds the index file and its memory whatever the disk size."""
+    count = 2 * 4096 + 1000
+    idx = Index(count * 4096, 4096, [A] * count)
+    limit = piece_limit(count)
+    for i in range(limit):
+        assert idx.add_pieces(i, [(0, 100, B)])
+    assert idx.npieces == limit
+    assert not idx.can_add_pieces(limit, [(0, 100, B)])
+    assert idx.can_add_pieces(0, [(0, 100, C)])  # replaces one: no growth
+    assert not idx.can_add_pieces(0, [(0, 100, C), (200, 10, C)])
+    assert not idx.can_add_pieces(0, [(0, 100, C)], reserved=1)  # promised to others
+    idx[0] = C
+    assert idx.npieces == limit - 1 and idx.can_add_pieces(limit, [(0, 100, B)])
+    back = Index.from_bytes(idx.to_bytes(), virtual_size=count * 4096, chunk_size=4096)
+    assert back == idx and back.npieces == limit - 1
+
+
+def test_geometry_is_checked_before_decompressing() -> None:
+    data = Index(3 * CS, CS, [A, B, C]).to_bytes()
+    with pytest.raises(IndexFormatError, match="expected"):
+        Index.from_bytes(data, virtual_size=2 * CS)
+    with pytest.raises(IndexFormatError, match="expected"):
+        Index.from_bytes(data, chunk_size=CS // 2)
+    assert len(Index.from_bytes(data, virtual_size=3 * CS, chunk_size=CS)) == 3
