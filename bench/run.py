@@ -387,9 +387,9 @@ class Bench:
         self.args = args
         self.size = parse_size(args.size)
         self.cold = not args.warm
+        self.conns = Conn()  # first: no work directory is left behind when libvirtd is down
         self.work = Path(args.workdir or tempfile.mkdtemp(prefix="bkbench-", dir="/var/tmp"))
         self.work.mkdir(parents=True, exist_ok=True)
-        self.conns = Conn()
         self.rows: list[Row] = []
         self.rss: dict[str, int] = {}
         self.info: dict[str, Any] = {}
@@ -816,7 +816,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    b = Bench(args)
+    try:
+        b = Bench(args)
+    except libvirt.libvirtError as e:
+        print(f"bench: cannot connect to libvirt at {URI}: {e} "
+              "(start it with: sudo bash scripts/start-libvirtd.sh)", file=sys.stderr)
+        return 2
     failed: BaseException | None = None
     try:
         b.setup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
-
+@pytest.mark.libvirt
+@pytest.mark.slow
 def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
     if not shutil.which("nbdcopy"):
         pytest.skip("nbdcopy (libnbd-bin) is not installed")
@@ -42,3 +43,16 @@ def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
     assert doc["peak_rss_mib"]["backup full"] > 0
     assert doc["chunk_sweep"][0]["chunk_size"] == 256 * 1024
     assert not (tmp_path / "work").exists()  # cleaned up
+
+
+def test_bench_says_when_libvirt_is_down(tmp_path: Path) -> None:
+    env = {**os.environ, "BACKUPKIT_TEST_URI": f"qemu:///system?socket={tmp_path}/no-such-sock"}
+    cp = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--size", "64M", "--no-peer",
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert cp.returncode == 2, cp.stderr[-2000:]
+    assert "Traceback" not in cp.stderr
+    [line] = [x for x in cp.stderr.splitlines() if x.startswith("bench:")]
+    assert "cannot connect to libvirt" in line and "start-libvirtd.sh" in line
+    assert not (tmp_path / "out").exists()
