@@ -71,7 +71,7 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
 
     def work() -> None:
         nonlocal read_total
-        buf = bytearray(repo.chunk_size + 1)
+        buf = repo.chunk_buffer()
         local = 0
         while True:
             with lock:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import secrets
 import stat
@@ -36,6 +37,8 @@ from backupkit.fileio import syncfs as _syncfs  # a module global: tests replace
 TMP_PREFIX = ".tmp-"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+ReadBuffer = bytearray | mmap.mmap  # what get_into reads into
 
 
 class ObjectInfo(NamedTuple):
@@ -58,8 +61,11 @@ class Storage(Protocol):
         """The whole object; NotFound if missing, CorruptRepository if bigger than max_size."""
         ...
 
-    def get_into(self, key: str, buf: bytearray) -> memoryview:
-        """Read the object into buf (at most len(buf) bytes, else CorruptRepository)."""
+    def get_into(self, key: str, buf: ReadBuffer) -> memoryview:
+        """Read the object into buf (at most len(buf) bytes, else CorruptRepository).
+
+        A buffer from aligned_buffer() lets a store read past its cache.
+        """
         ...
 
     def exists(self, key: str) -> bool: ...
@@ -99,6 +105,19 @@ class Storage(Protocol):
 
 
 _SYNCFS_DIRS = 8  # more changed directories than this: one syncfs instead of an fsync each
+
+#: O_DIRECT reads need the buffer's address and the length aligned to the device's
+#: logical block size; a page covers every common one (512 B, 4 KiB).
+DIRECT_ALIGN = 4096
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer of at least size bytes (rounded up to DIRECT_ALIGN).
+
+    get_into() reads into such a buffer with O_DIRECT, past the page cache.
+    """
+    return mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
 
 
 def _close_all(fds: dict[tuple[str, ...], int]) -> None:
@@ -180,6 +199,14 @@ class LocalStorage:
         self._dir_fds: dict[tuple[str, ...], int] = {}
         self._dir_fds_users = 0  # bulk() depth: descriptors are cached only inside it
         self._dir_fds_close = weakref.finalize(self, _close_all, self._dir_fds)
+        # get_into() with an aligned_buffer() reads with O_DIRECT.  verify --data reads
+        # every chunk once: through the page cache that cost CPU on cores that also hash
+        # and decompress (system time 0.73 s -> 0.28 s on the 4 GiB bench repository,
+        # wall 3.19 s -> 3.01 s) and pushed the host's useful cache out.  Restore keeps
+        # buffered reads: its prefetch thread measured faster there.  Direct reads are
+        # coherent with cached writes (the kernel writes dirty pages back first).
+        # False once a filesystem refused O_DIRECT (EINVAL): then reads use the cache.
+        self.direct_reads = bool(_O_DIRECT)
 
     def _acquire_sync_fd(self) -> int:
         """The batch's descriptor, opened if needed; pair with _release_sync_fd."""
@@ -407,7 +434,7 @@ class LocalStorage:
         except FileNotFoundError as e:
             raise NotFound("file", key) from e
 
-    def _open_file(self, key: str) -> int:
+    def _open_file(self, key: str, flags: int = 0) -> int:
         # A lock-free look (a dict lookup is atomic): every chunk read takes this path,
         # and the lock, shared with the writers and the descriptor cache, was contended
         # (6 % of a restore's worker time).  A key published meanwhile is found on disk.
@@ -416,7 +443,8 @@ class LocalStorage:
         dfd, name = self._open_parent(key)
         try:
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags,
+                             dir_fd=dfd)
             except FileNotFoundError as e:
                 raise NotFound("file", key) from e
             except OSError as e:
@@ -427,22 +455,44 @@ class LocalStorage:
             os.close(dfd)
         return fd
 
-    def _read_fd(self, fd: int, key: str, view: memoryview, max_size: int) -> memoryview:
+    def _read_fd(self, fd: int, key: str, view: memoryview, max_size: int,
+                 align: int = 1) -> memoryview:
+        """The file's bytes, read into view; each read asks for whole multiples of align."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise self._corrupt(key, "is not a regular file")
         if st.st_size > max_size:
             raise self._corrupt(
                 key, f"is {st.st_size} bytes, more than the {max_size} allowed for it")
+        end = min(-(-st.st_size // align) * align, len(view))
         pos = 0
         while pos < st.st_size:
-            n = os.readv(fd, [view[pos:st.st_size]])
+            n = os.readv(fd, [view[pos:end]])
             if n == 0:
                 break
             pos += n
         if pos != st.st_size:
-            raise self._corrupt(key, "shrank while being read")
+            raise self._corrupt(key, "changed size while being read")
         return view[:pos]
+
+    def _get_direct(self, key: str, buf: mmap.mmap) -> memoryview | None:
+        """get_into with O_DIRECT; None if this filesystem refuses it (then never again)."""
+        try:
+            fd = self._open_file(key, _O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.direct_reads = False
+            return None
+        try:
+            return self._read_fd(fd, key, memoryview(buf), len(buf), DIRECT_ALIGN)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.direct_reads = False  # e.g. a logical block size above DIRECT_ALIGN
+            return None
+        finally:
+            os.close(fd)
 
     def get(self, key: str, max_size: int) -> bytes:
         fd = self._open_file(key)
@@ -453,7 +503,11 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def get_into(self, key: str, buf: bytearray) -> memoryview:
+    def get_into(self, key: str, buf: ReadBuffer) -> memoryview:
+        if self.direct_reads and isinstance(buf, mmap.mmap):
+            view = self._get_direct(key, buf)
+            if view is not None:
+                return view
         fd = self._open_file(key)
         try:
             return self._read_fd(fd, key, memoryview(buf), len(buf))

@@ -207,3 +207,71 @@ def test_listing_inside_bulk_does_not_share_a_cached_directory(tmp_path: Path) -
         assert [o.key for o in st.list("chunks/00/")] == keys
         assert [o.key for o in st.list("chunks/00/")] == keys  # a second listing sees all
         assert st.get(keys[2], 10) == b"x"
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 65536, 1024 * 1024 + 1])
+def test_get_into_an_aligned_buffer_reads_past_the_cache(tmp_path: Path, size: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    st = LocalStorage(str(tmp_path))
+    data = os.urandom(size)
+    st.replace("chunks/ab/k", data)
+    flags: list[int] = []
+    real_open = os.open
+
+    def spy(path: Any, flag: int, *args: Any, **kw: Any) -> int:
+        flags.append(flag)
+        return real_open(path, flag, *args, **kw)
+
+    monkeypatch.setattr(os, "open", spy)
+    buf = storage_mod.aligned_buffer(1024 * 1024 + 1)
+    assert len(buf) == 1024 * 1024 + 4096
+    assert bytes(st.get_into("chunks/ab/k", buf)) == data
+    assert flags[-1] & os.O_DIRECT
+    assert st.direct_reads
+    # A bytearray is never aligned: the page cache as before.
+    assert bytes(st.get_into("chunks/ab/k", bytearray(size))) == data
+    assert not flags[-1] & os.O_DIRECT
+
+
+def test_direct_read_checks_like_a_buffered_one(tmp_path: Path) -> None:
+    st = LocalStorage(str(tmp_path))
+    st.replace("chunks/ab/big", bytes(8193))
+    buf = storage_mod.aligned_buffer(8192)
+    with pytest.raises(errors.CorruptRepository, match="more than the 8192 allowed"):
+        st.get_into("chunks/ab/big", buf)
+    with pytest.raises(errors.NotFound):
+        st.get_into("chunks/ab/missing", buf)
+    os.symlink(tmp_path / "chunks/ab/big", tmp_path / "chunks/ab/link")
+    with pytest.raises(errors.CorruptRepository, match="symlink"):
+        st.get_into("chunks/ab/link", buf)
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_filesystem_without_o_direct_falls_back_for_good(tmp_path: Path, where: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    st = LocalStorage(str(tmp_path))
+    st.replace("chunks/ab/k", b"hello")
+    real_open, real_readv = os.open, os.readv
+    direct_fds: set[int] = set()
+
+    def no_direct_open(path: Any, flag: int, *args: Any, **kw: Any) -> int:
+        if flag & os.O_DIRECT and where == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flag, *args, **kw)
+        if flag & os.O_DIRECT:
+            direct_fds.add(fd)
+        else:
+            direct_fds.discard(fd)  # the number of a closed direct descriptor, reused
+        return fd
+
+    def no_direct_readv(fd: int, bufs: Any) -> int:
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_readv(fd, bufs)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    monkeypatch.setattr(os, "readv", no_direct_readv)
+    buf = storage_mod.aligned_buffer(4096)
+    assert bytes(st.get_into("chunks/ab/k", buf)) == b"hello"
+    assert not st.direct_reads  # not tried again
+    assert bytes(st.get_into("chunks/ab/k", buf)) == b"hello"
