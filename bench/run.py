@@ -18,7 +18,9 @@ random data, in runs of 256 KiB..8 MiB spread over the disk), written with
 - a no-change incremental, wall time including process start (cold and warm cache);
 - restore to qcow2 and raw vs ``qemu-img convert`` of the same disk into the
   same format (both fsynced), also in ``--repeat`` pairs;
-- ``verify --data`` throughput; peak RSS of every backupkit command (/usr/bin/time);
+- ``verify --data`` throughput; peak RSS and CPU seconds (user + system) of every
+  backupkit command and every baseline (/usr/bin/time): CPU seconds near
+  cores x wall seconds mark a step as CPU-bound;
 - repository size vs allocated data;
 - virtnbdbackup (if installed) on an identical clone domain: full with and
   without ``-z``, incrementals after the same writes, virtnbdrestore;
@@ -133,6 +135,7 @@ class Run:
     seconds: float
     rc: int
     max_rss_kib: int
+    cpu_seconds: float  # user + system time of the command and its children
     stdout: str
     stderr: str
 
@@ -141,20 +144,22 @@ class Run:
 
 
 def run(argv: list[str], *, env: dict[str, str] | None = None, check: bool = True) -> Run:
-    """Run a child, timing it (wall clock) and reading its peak RSS."""
+    """Run a child, timing it (wall clock) and reading its peak RSS and CPU time."""
     # ru_maxrss survives exec: a child forked from this (big) process would report at
     # least our own RSS.  /usr/bin/time is small, so the RSS it reports is the command's.
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r") as rss:
-        timed = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv]
+        timed = ["/usr/bin/time", "-f", "%M %U %S", "-o", rss.name, *argv]
         t0 = time.monotonic()
         p = subprocess.run(timed, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL,
                            check=False)
         seconds = time.monotonic() - t0
         out.seek(0)
         err.seek(0)
-        text = rss.read().split()
-        r = Run(argv, seconds, p.returncode, int(text[-1]) if text else 0,
+        # A failed command's report starts with "Command exited with non-zero status".
+        text = rss.read().split()[-3:]
+        kib, cpu = (int(text[0]), float(text[1]) + float(text[2])) if len(text) == 3 else (0, 0.0)
+        r = Run(argv, seconds, p.returncode, kib, cpu,
                 out.read().decode(errors="replace"), err.read().decode(errors="replace"))
     if check and r.rc != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {r.rc}:\n{r.stderr[-3000:]}"
@@ -403,6 +408,8 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.rows: list[Row] = []
         self.rss: dict[str, int] = {}
+        # label -> (CPU seconds, wall seconds) of the fastest run with that label
+        self.cpu: dict[str, tuple[float, float]] = {}
         self.info: dict[str, Any] = {}
         self.sweep: list[dict[str, Any]] = []
         self.domains: list[BenchDomain] = []
@@ -433,7 +440,12 @@ class Bench:
         if r.rc != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {r.rc}:\n{r.stderr[-3000:]}")
         self.rss[label] = max(self.rss.get(label, 0), r.max_rss_kib)
+        self.note_cpu(label, r)
         return r
+
+    def note_cpu(self, label: str, r: Run) -> None:
+        if label not in self.cpu or r.seconds < self.cpu[label][1]:
+            self.cpu[label] = (r.cpu_seconds, r.seconds)
 
     def peer_run(self, label: str, argv: list[str], out: Path | None) -> Run:
         """Run a virtnbdbackup/virtnbdrestore command; once more if libvirtd went away."""
@@ -448,6 +460,7 @@ class Bench:
             r = run(argv, check=False)
         if r.rc != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {r.rc}:\n{r.stderr[-3000:]}")
+        self.note_cpu(label, r)
         return r
 
     def sync_after(self, path: Path) -> float:
@@ -535,7 +548,9 @@ class Bench:
                 if step == "copy":
                     with pull_export(main, self.work) as uri:
                         drop_caches(self.cold)
-                        copies.append(run(["nbdcopy", "--flush", uri, str(out)]).seconds)
+                        r = run(["nbdcopy", "--flush", uri, str(out)])
+                        self.note_cpu("nbdcopy", r)
+                        copies.append(r.seconds)
                     out.unlink()
                 else:
                     self.cli("init", target, "init", "--chunk-size", cs, *level)
@@ -660,10 +675,12 @@ class Bench:
                     else:
                         drop_caches(self.cold)
                         t0 = time.monotonic()
-                        subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", fmt,
-                                        str(main.image), str(conv)], check=True)
+                        r = run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", fmt,
+                                 str(main.image), str(conv)])
                         fsync_path(conv)
-                        converts.append(time.monotonic() - t0)
+                        r.seconds = time.monotonic() - t0
+                        self.note_cpu(f"qemu-img convert -O {fmt}", r)
+                        converts.append(r.seconds)
             same = subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", fmt, "-F", fmt,
                                    str(conv), str(target / f"vda.{fmt}")]).returncode == 0
             restore_s, conv_s = min(restores), min(converts)
@@ -747,6 +764,8 @@ class Bench:
             "rows": [{**asdict(r), "mbps": round(r.mbps, 1)} for r in self.rows],
             "peak_rss_mib": {k: round(v / 1024, 1) for k, v in self.rss.items()},
             "rss_ok": all(v / 1024 < GOALS["rss_mib"] for v in self.rss.values()),
+            "cpu": {k: {"cpu_seconds": round(c, 2), "seconds": round(w, 2)}
+                    for k, (c, w) in self.cpu.items()},
             "chunk_sweep": self.sweep,
         }
         return doc
@@ -804,6 +823,12 @@ def render(doc: dict[str, Any]) -> str:
     lines.append("Peak RSS (MiB) per backupkit command: "
                  + ", ".join(f"{k} {v}" for k, v in doc["peak_rss_mib"].items())
                  + f" — goal < {GOALS['rss_mib']}: {'met' if doc['rss_ok'] else 'NOT met'}")
+    if doc.get("cpu"):
+        lines.append(
+            "CPU seconds (user + system) / wall seconds, fastest run of each; the export's "
+            "QEMU not counted: "
+            + ", ".join(f"{k} {v['cpu_seconds']:.2f}/{v['seconds']:.2f}"
+                        for k, v in doc["cpu"].items()))
     rf = info.get("repo_final", {})
     ra = info.get("repo_after_full", {})
     lines.append(

@@ -41,6 +41,10 @@ def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
     assert rows["verify --data"]["extra"]["ok"] is True
     assert rows["incremental after 1% rewritten"]["extra"]["read_amplification"] < 3
     assert doc["peak_rss_mib"]["backup full"] > 0
+    for label in ("backup full", "restore raw"):  # a Python start alone takes CPU
+        assert doc["cpu"][label]["cpu_seconds"] > 0, label
+    assert {"nbdcopy", "qemu-img convert -O raw"} <= doc["cpu"].keys()
+    assert "CPU seconds (user + system) / wall seconds" in cp.stdout
     assert doc["chunk_sweep"][0]["chunk_size"] == 256 * 1024
     assert not (tmp_path / "work").exists()  # cleaned up
 
