@@ -143,3 +143,12 @@ def test_restore_into_full_filesystem(repo: Repository, tmp_path: Path,
     with pytest.raises(errors.NoSpace, match="no space left"):
         restore(repo, "vm1", "latest", str(small_fs), fmt="raw")
     assert os.listdir(small_fs) == []
+
+
+@pytest.mark.parametrize(("cpus", "want"), [(1, 2), (2, 2), (6, 6), (64, 8)])
+def test_default_workers_follow_the_usable_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int,
+                                                want: int) -> None:
+    from backupkit.ops import restore as restore_mod
+
+    monkeypatch.setattr(restore_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert restore_mod.default_workers() == want
