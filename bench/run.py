@@ -724,12 +724,13 @@ class Bench:
             cs_text, _, level = spec.partition(":")  # "1M:1": chunk size 1M, zstd level 1
             cs = parse_size(cs_text)
             repo = self.work / f"repo-sweep-{i}"
-            self.cli("init", repo, "init", "--chunk-size", str(cs),
+            # Labels of their own: the main run's peak RSS and CPU lines stay its own.
+            self.cli(f"sweep {spec} init", repo, "init", "--chunk-size", str(cs),
                      *(["--compression-level", level] if level else []))
-            full = self.cli("backup full", repo, "backup", main.name)
+            full = self.cli(f"sweep {spec} backup full", repo, "backup", main.name)
             fj = full.json()
             dirty, _ = self.apply_writes(0.01, self.args.seed + 1000 + i)
-            inc = self.cli("backup inc 1%", repo, "backup", main.name)
+            inc = self.cli(f"sweep {spec} backup inc 1%", repo, "backup", main.name)
             ij = inc.json()
             index = next((repo / "backups" / main.name).glob(f"{fj['id']}/vda.index"))
             entry = {
