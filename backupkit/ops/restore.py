@@ -37,7 +37,10 @@ log = logging.getLogger("backupkit.restore")
 FORMATS = ("qcow2", "raw")
 
 def default_workers() -> int:
-    """One worker per usable CPU, 2 to 8.
+    """One worker per CPU this process may run on (its affinity mask), 2 to 8.
+
+    A cgroup CPU quota (cpu.max) is not read: a quota of fewer CPUs than the mask
+    gets more workers than CPUs, which costs some contention, not correctness.
 
     The workers' work is CPU work (hash check, zstd, copies); the reads are kept in
     flight by the prefetch thread, not by more workers.  On two cores, 2 workers
@@ -48,7 +51,10 @@ def default_workers() -> int:
 
 RAW_GRANULARITY = 4096  # filesystem block: zero blocks of this size are not written
 QCOW2_GRANULARITY = 65536  # qcow2 cluster size (QEMU's default), smaller only for smaller chunks
-PREFETCH_BYTES = 64 << 20  # chunk data the kernel is asked to read ahead of the workers
+# How far ahead of the workers the kernel is asked to read: the chunk files of the next
+# 64 MiB of slots, and at least 8 slots (8 chunks of the largest size; piece files
+# of those slots come on top).
+PREFETCH_BYTES = 64 << 20
 
 Progress = Callable[[int], object]
 

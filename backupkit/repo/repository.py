@@ -237,7 +237,7 @@ class Repository:
         The result may be a view into buf: use it before the next call with that buf.
         """
         with self._missing_is_damage(digest):
-            raw = self.storage.get_into(chunk_key(digest), buf)
+            raw = self.storage.get_into(chunk_key(digest), buf, self.chunk_size + 1)
         return self._checked(self._decode(raw, digest), digest, verify)
 
     def read_slot(self, digest: bytes | None, pieces: Sequence[Piece], out: memoryview,

@@ -61,8 +61,8 @@ class Storage(Protocol):
         """The whole object; NotFound if missing, CorruptRepository if bigger than max_size."""
         ...
 
-    def get_into(self, key: str, buf: ReadBuffer) -> memoryview:
-        """Read the object into buf (at most len(buf) bytes, else CorruptRepository).
+    def get_into(self, key: str, buf: ReadBuffer, max_size: int | None = None) -> memoryview:
+        """Read the object into buf; CorruptRepository if bigger than max_size (or len(buf)).
 
         A buffer from aligned_buffer() lets a store read past its cache.
         """
@@ -475,7 +475,7 @@ class LocalStorage:
             raise self._corrupt(key, "changed size while being read")
         return view[:pos]
 
-    def _get_direct(self, key: str, buf: mmap.mmap) -> memoryview | None:
+    def _get_direct(self, key: str, buf: mmap.mmap, max_size: int) -> memoryview | None:
         """get_into with O_DIRECT; None if this filesystem refuses it (then never again)."""
         try:
             fd = self._open_file(key, _O_DIRECT)
@@ -485,7 +485,7 @@ class LocalStorage:
             self.direct_reads = False
             return None
         try:
-            return self._read_fd(fd, key, memoryview(buf), len(buf), DIRECT_ALIGN)
+            return self._read_fd(fd, key, memoryview(buf), max_size, DIRECT_ALIGN)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
@@ -503,14 +503,18 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def get_into(self, key: str, buf: ReadBuffer) -> memoryview:
-        if self.direct_reads and isinstance(buf, mmap.mmap):
-            view = self._get_direct(key, buf)
+    def get_into(self, key: str, buf: ReadBuffer, max_size: int | None = None) -> memoryview:
+        limit = len(buf) if max_size is None else min(max_size, len(buf))
+        # An mmap's address is page-aligned; its length must be too (aligned_buffer's is),
+        # or every read would ask for a length O_DIRECT refuses.
+        if (self.direct_reads and isinstance(buf, mmap.mmap)
+                and len(buf) % DIRECT_ALIGN == 0):
+            view = self._get_direct(key, buf, limit)
             if view is not None:
                 return view
         fd = self._open_file(key)
         try:
-            return self._read_fd(fd, key, memoryview(buf), len(buf))
+            return self._read_fd(fd, key, memoryview(buf), limit)
         finally:
             os.close(fd)
 

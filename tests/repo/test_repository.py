@@ -127,6 +127,22 @@ def test_get_chunk_damage(repo: Repository) -> None:
         repo.get_chunk(d)
 
 
+@pytest.mark.parametrize("extra", [1, 100, 4000])
+def test_oversized_chunk_file_is_named_as_such_by_every_read(repo: Repository,
+                                                             extra: int) -> None:
+    d, _ = repo.put_chunk(rand(CHUNK, 3))
+    assert d is not None
+    repo.storage.flush()
+    path = Path(repo.path, chunk_key(d))
+    path.write_bytes(path.read_bytes() + bytes(extra))
+    allowed = f"more than the {repo.chunk_size + 1} allowed"
+    with pytest.raises(errors.CorruptRepository, match=allowed):
+        repo.get_chunk(d)
+    for buf in (bytearray(CHUNK + 1), repo.chunk_buffer()):  # buffered, O_DIRECT
+        with pytest.raises(errors.CorruptRepository, match=allowed):
+            repo.read_chunk(d, buf)
+
+
 def test_flipped_byte_in_stored_chunk_detected(repo: Repository) -> None:
     data = rand(CHUNK, 3)  # stored uncompressed: decoding succeeds, the hash check fails
     d, _ = repo.put_chunk(data)
