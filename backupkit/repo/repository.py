@@ -1,4 +1,4 @@
-"""The repository (format v1): chunks, indexes, manifests, locks.  See docs/format.md."""
+"""The repository (format v2): chunks, indexes, manifests, locks.  See docs/format.md."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import os
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import blake3
 import zstandard
 
 from backupkit.errors import (
@@ -34,7 +35,13 @@ from backupkit.repo.storage import LocalStorage, ReadBuffer, Storage, aligned_bu
 _B = TypeVar("_B", bound=Buffer)
 
 REPO_FORMAT = "backupkit-repository"
-REPO_VERSION = 1
+REPO_VERSION = 2  # 2: "hash" may be blake3 (version 1 is always sha256)
+# The chunk hashes a repository may use; both give 32-byte digests.  BLAKE3 is the
+# default for new repositories: 3.7-4.5x faster than sha256 (with SHA-NI) on one
+# core here, and hashing every byte is a large part of backup, restore and verify.
+HASHES: dict[str, Callable[[Buffer], Any]] = {"blake3": blake3.blake3,
+                                              "sha256": hashlib.sha256}
+DEFAULT_HASH = "blake3"
 CONFIG_KEY = "config.json"
 CONFIG_MAX = 64 * 1024
 MANIFEST_MAX = 16 * 1024 * 1024
@@ -81,6 +88,8 @@ class Repository:
         self.config = config
         self.chunk_size: int = config["chunk_size"]
         self.compression_level: int = config["compression_level"]
+        self.hash_name: str = config.get("hash", "sha256")
+        self._hash = HASHES[self.hash_name]
         self._tls = threading.local()
         self._zero_digests: dict[int, bytes] = {}
         self._zeros = memoryview(bytes(self.chunk_size))
@@ -89,8 +98,11 @@ class Repository:
 
     @classmethod
     def init(cls, path: str, *, chunk_size: int = 1 << 20,
-             compression_level: int = 1) -> Repository:
+             compression_level: int = 1, hash_name: str = DEFAULT_HASH) -> Repository:
         path = os.path.abspath(path)
+        if hash_name not in HASHES:
+            raise UsageError(f"unknown chunk hash {hash_name!r} "
+                             f"(choose {' or '.join(sorted(HASHES))})")
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
             raise UsageError(f"chunk size must be a power of two between {MIN_CHUNK} "
                              f"and {MAX_CHUNK}, not {chunk_size}")
@@ -114,7 +126,7 @@ class Repository:
             "id": uuid.uuid4().hex,
             "created": _now_iso(),
             "chunk_size": chunk_size,
-            "hash": "sha256",
+            "hash": hash_name,
             "compression": "zstd",
             "compression_level": compression_level,
         }
@@ -184,10 +196,14 @@ class Repository:
             d = self._tls.dctx = zstandard.ZstdDecompressor()
         return d
 
+    def digest(self, data: Buffer) -> bytes:
+        """The chunk hash of data (the repository's: config.json "hash")."""
+        return bytes(self._hash(data).digest())
+
     def _zero_digest(self, n: int) -> bytes:
         d = self._zero_digests.get(n)
         if d is None:
-            d = self._zero_digests[n] = hashlib.sha256(bytes(n)).digest()
+            d = self._zero_digests[n] = self.digest(bytes(n))
         return d
 
     def put_chunk(self, data: Buffer, level: int | None = None) -> tuple[bytes | None, int]:
@@ -199,7 +215,7 @@ class Repository:
         n = memoryview(data).nbytes
         if not 0 < n <= self.chunk_size:
             raise ValueError(f"chunk of {n} bytes (chunk size is {self.chunk_size})")
-        digest = hashlib.sha256(data).digest()
+        digest = self.digest(data)
         if digest == self._zero_digest(n):
             return None, 0
         key = chunk_key(digest)
@@ -270,7 +286,7 @@ class Repository:
             raise CorruptRepository(f"chunk {digest.hex()} is missing", path=self.path) from e
 
     def _checked(self, data: _B, digest: bytes, verify: bool) -> _B:
-        if verify and hashlib.sha256(data).digest() != digest:
+        if verify and self.digest(data) != digest:
             raise CorruptRepository(f"chunk {digest.hex()} does not match its hash "
                                     "(damaged data)", path=self.path)
         return data
@@ -500,7 +516,11 @@ def _parse_config(raw: bytes, path: str) -> dict[str, Any]:
     level = doc.get("compression_level", 3)
     if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
         raise CorruptRepository(f"config.json: bad compression_level {level!r}", path=path)
-    if doc.get("hash", "sha256") != "sha256" or doc.get("compression", "zstd") != "zstd":
-        raise CorruptRepository("config.json: unknown hash or compression", path=path)
+    hash_name = doc.get("hash", "sha256")
+    if hash_name not in HASHES or (version == 1 and hash_name != "sha256"):
+        raise CorruptRepository(f"config.json: unknown chunk hash {hash_name!r}", path=path)
+    if doc.get("compression", "zstd") != "zstd":
+        raise CorruptRepository("config.json: unknown compression", path=path)
+    doc["hash"] = hash_name
     doc["compression_level"] = level
     return doc

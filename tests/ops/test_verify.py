@@ -35,9 +35,7 @@ def setup(repo: Repository, tmp_path: Path) -> dict[str, Any]:
 
 
 def flip(repo: Repository, data: bytes) -> None:
-    from hashlib import sha256
-
-    p = Path(repo.path, chunk_key(sha256(data).digest()))
+    p = Path(repo.path, chunk_key(repo.digest(data)))
     raw = bytearray(p.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     p.write_bytes(raw)

@@ -52,8 +52,13 @@ def one_line(e: BaseException) -> str:
     (b'{"format": "backupkit-repository", "vers', errors.CorruptRepository, "not valid JSON"),
     (b"\xff\xfe garbage", errors.CorruptRepository, "not valid JSON"),
     (b"[1, 2]", errors.CorruptRepository, "not a backupkit repository"),
-    (b'{"format": "backupkit-repository", "version": 2, "chunk_size": 65536}',
-     errors.UnsupportedFormat, "version 2 is newer"),
+    (b'{"format": "backupkit-repository", "version": 3, "chunk_size": 65536}',
+     errors.UnsupportedFormat, "version 3 is newer"),
+    (b'{"format": "backupkit-repository", "version": 2, "chunk_size": 65536, '
+     b'"hash": "md5"}', errors.CorruptRepository, "unknown chunk hash 'md5'"),
+    # Version 1 predates blake3: a version 1 repository that names it was not written by us.
+    (b'{"format": "backupkit-repository", "version": 1, "chunk_size": 65536, '
+     b'"hash": "blake3"}', errors.CorruptRepository, "unknown chunk hash 'blake3'"),
     (b'{"format": "backupkit-repository", "version": 1, "chunk_size": 1000}',
      errors.CorruptRepository, "chunk_size"),
     (b'{"format": "backupkit-repository", "version": 1, "chunk_size": 65536, '

@@ -7,7 +7,9 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
+import blake3
 import pytest
 
 from backupkit import errors
@@ -21,7 +23,47 @@ def test_init_open_round_trip(tmp_path: Path) -> None:
     r2 = Repository.open(r.path)
     assert r2.chunk_size == CHUNK
     assert r2.compression_level == 5
+    assert r2.hash_name == "blake3"  # the default for new repositories
+    assert r2.config["version"] == 2
     assert r2.list_backups() == []
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("blake3", lambda b: blake3.blake3(b).digest()),
+    ("sha256", lambda b: hashlib.sha256(b).digest()),
+])
+def test_chunks_are_named_by_the_repository_hash(tmp_path: Path, name: str,
+                                                 expected: Any) -> None:
+    r = Repository.init(str(tmp_path / "repo"), chunk_size=CHUNK, hash_name=name)
+    data = text(CHUNK)
+    d, _ = r.put_chunk(data)
+    assert d == expected(data) == r.digest(data)
+    r.storage.flush()
+    assert Path(r.path, chunk_key(d)).is_file()
+    r2 = Repository.open(r.path)
+    assert r2.hash_name == name and r2.get_chunk(d) == data
+    assert r2.put_chunk(data) == (d, 0)  # dedup against what the first open wrote
+
+
+def test_version_1_repository_is_sha256_and_still_works(tmp_path: Path) -> None:
+    # What backupkit wrote before blake3: version 1, hash sha256.
+    r = Repository.init(str(tmp_path / "repo"), chunk_size=CHUNK, hash_name="sha256")
+    cfg = Path(r.path, "config.json")
+    doc = json.loads(cfg.read_text())
+    doc["version"] = 1
+    cfg.write_text(json.dumps(doc))
+    old = Repository.open(r.path)
+    assert old.hash_name == "sha256"
+    data = rand(CHUNK, 5)
+    d, _ = old.put_chunk(data)
+    assert d == hashlib.sha256(data).digest()
+    assert old.get_chunk(d) == data
+
+
+def test_init_refuses_an_unknown_hash(tmp_path: Path) -> None:
+    with pytest.raises(errors.UsageError, match="unknown chunk hash 'md5'"):
+        Repository.init(str(tmp_path / "repo"), hash_name="md5")
+    assert not (tmp_path / "repo").exists()
 
 
 def test_init_refuses_non_empty_dir_and_existing_repo(tmp_path: Path) -> None:
@@ -56,7 +98,7 @@ def test_chunk_round_trip_dedup_and_zero(repo: Repository) -> None:
     rnd = rand(CHUNK, 1)
     short = rand(1000, 2)
     d1, w1 = repo.put_chunk(comp)
-    assert d1 == hashlib.sha256(comp).digest()
+    assert d1 == repo.digest(comp)
     assert 0 < w1 < CHUNK // 2  # compressed
     d2, w2 = repo.put_chunk(bytearray(rnd))
     assert w2 == CHUNK + 1  # incompressible: stored as is, plus the codec byte
@@ -92,7 +134,7 @@ def test_put_chunk_threads(repo: Repository) -> None:
     # 8 distinct chunks: each written exactly once, whatever the interleaving.
     assert sum(1 for _d, w in results if w) == 8
     for i in range(8):
-        assert repo.get_chunk(hashlib.sha256(rand(CHUNK, i)).digest()) == rand(CHUNK, i)
+        assert repo.get_chunk(repo.digest(rand(CHUNK, i))) == rand(CHUNK, i)
     repo.storage.flush()
     assert not list(repo.storage.leftovers())
     assert sum(1 for _ in repo.storage.list("chunks/")) == 8
