@@ -11,7 +11,7 @@ is read whole and stored as one chunk again.
 
 Several NBD connections read different slots in parallel (libvirt's pull
 export and qemu-nbd allow multi-conn); each reading thread hashes, compresses
-and stores the chunk it read (hashlib, zstandard, socket and file I/O release
+and stores the chunk it read (BLAKE3/hashlib, zstandard, socket and file I/O release
 the GIL), so reads, compression and writes of different chunks overlap.  Each
 thread reuses one chunk buffer and slots are taken one at a time from the
 streamed block status, so memory stays flat whatever the disk size.  Data

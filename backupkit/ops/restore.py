@@ -4,7 +4,7 @@ Every backup restores on its own from its index (no chain replay); a slot with
 pieces is put together in memory (its chunk, then its pieces over it).  Only data
 chunks are written: holes stay holes (a sparse raw file, unallocated qcow2
 clusters).  Several threads read, decompress, check and write chunks at once
-(zstd and hashlib release the GIL) with plain pwrite; qcow2 output is laid out
+(zstd and the chunk hash release the GIL) with plain pwrite; qcow2 output is laid out
 by backupkit.qcow2 (data clusters as they arrive, metadata and header at the
 end), so it costs about what raw output costs.  Each disk is written to
 "<disk>.<fmt>.tmp-<pid>" and renamed to "<disk>.<fmt>" only when every disk is

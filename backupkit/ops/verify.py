@@ -3,7 +3,7 @@
 Two passes keep memory bounded by the number of distinct chunks, not by the
 number of backups times their size: pass 1 parses every manifest and index and
 collects the set of referenced digests; the chunks are then checked once each
-(existence, or read + decompress + SHA-256 in parallel with data=True); only if
+(existence, or read + decompress + hash check in parallel with data=True); only if
 some chunk is bad, pass 2 re-reads the indexes to name every affected backup,
 disk and byte range.  Nothing stops at the first problem.
 """

@@ -1,7 +1,7 @@
 """The per-disk index: one chunk digest per chunk_size slot of the disk, plus pieces.
 
 File format (docs/format.md): a 32-byte little-endian header, uncompressed,
-then one zstd frame holding count * 32 bytes of SHA-256 digests; an all-zero
+then one zstd frame holding count * 32 bytes of chunk hashes; an all-zero
 digest marks a hole (a chunk that reads as zeros and is stored as nothing).
 Version 2 appends a piece table to the same frame: a piece is a chunk that
 covers part of a slot and is laid over the slot's chunk (or hole) on restore,

@@ -207,7 +207,7 @@ class Repository:
         return d
 
     def put_chunk(self, data: Buffer, level: int | None = None) -> tuple[bytes | None, int]:
-        """Store one chunk: (its sha256, compressed bytes newly written); (None, 0) for zeros.
+        """Store one chunk: (its chunk hash, bytes newly written); (None, 0) for zeros.
 
         Thread-safe.  The chunk is published (made durable, then given its name)
         in batches, at the latest by the next write_index/commit (docs/format.md).
@@ -517,7 +517,8 @@ def _parse_config(raw: bytes, path: str) -> dict[str, Any]:
     if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
         raise CorruptRepository(f"config.json: bad compression_level {level!r}", path=path)
     hash_name = doc.get("hash", "sha256")
-    if hash_name not in HASHES or (version == 1 and hash_name != "sha256"):
+    if not isinstance(hash_name, str) or hash_name not in HASHES \
+            or (version == 1 and hash_name != "sha256"):
         raise CorruptRepository(f"config.json: unknown chunk hash {hash_name!r}", path=path)
     if doc.get("compression", "zstd") != "zstd":
         raise CorruptRepository("config.json: unknown compression", path=path)

@@ -56,6 +56,8 @@ def one_line(e: BaseException) -> str:
      errors.UnsupportedFormat, "version 3 is newer"),
     (b'{"format": "backupkit-repository", "version": 2, "chunk_size": 65536, '
      b'"hash": "md5"}', errors.CorruptRepository, "unknown chunk hash 'md5'"),
+    (b'{"format": "backupkit-repository", "version": 2, "chunk_size": 65536, '
+     b'"hash": ["blake3"]}', errors.CorruptRepository, "unknown chunk hash"),
     # Version 1 predates blake3: a version 1 repository that names it was not written by us.
     (b'{"format": "backupkit-repository", "version": 1, "chunk_size": 65536, '
      b'"hash": "blake3"}', errors.CorruptRepository, "unknown chunk hash 'blake3'"),
