@@ -88,7 +88,7 @@ class Repository:
         self.config = config
         self.chunk_size: int = config["chunk_size"]
         self.compression_level: int = config["compression_level"]
-        self.hash_name: str = config.get("hash", "sha256")
+        self.hash_name: str = config["hash"]  # _parse_config fills in a missing one
         self._hash = HASHES[self.hash_name]
         self._tls = threading.local()
         self._zero_digests: dict[int, bytes] = {}
