@@ -41,6 +41,29 @@ def libvirt_conn() -> Iterator[object]:
 
 
 @pytest.fixture
+def tmp_path(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pytest's tmp_path, traversable by QEMU's unprivileged user.
+
+    QEMU runs as ``libvirt-qemu`` as on every stock host; libvirt chowns the image
+    files it is given but not their parent directories, and pytest makes its
+    directories 0700.  Give the chain below /tmp the search bit (not read: nothing
+    is listed), as an operator's image directory has.
+    """
+    traversable(tmp_path, tmp_path_factory.getbasetemp().parent)
+    return tmp_path
+
+
+def traversable(path: Path, top: Path) -> None:
+    """Add the search bit to ``path`` and each of its parents up to ``top`` (ours only)."""
+    for d in (path, *path.parents):
+        st = d.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o011 != 0o011:
+            os.chmod(d, (st.st_mode & 0o7777) | 0o011)
+        if d == top:
+            break
+
+
+@pytest.fixture
 def make_domain(libvirt_conn: object, tmp_path: Path
                 ) -> Iterator[Callable[..., rig.TestDomain]]:
     """Factory: make_domain([("qcow2", 64 * MiB), ("raw", 32 * MiB)], running=True)."""

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests import rig
+from tests.conftest import traversable
 from tests.faults.conftest import CHUNK, MiB, one_line_error, tree_digest, write_random
 
 pytestmark = pytest.mark.libvirt
@@ -38,6 +39,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
     from tests.conftest import run_cli
 
     base = tmp_path_factory.mktemp("bad-input")
+    traversable(base, tmp_path_factory.getbasetemp().parent)
     try:
         conn = libvirt.open(rig.URI)
     except libvirt.libvirtError as e:

@@ -23,7 +23,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, traversable
 from tests.guest import bkguest
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
@@ -87,6 +87,7 @@ class Run:
 def run(libvirt_conn: Any, guest_image: bkguest.GuestImage,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     work = tmp_path_factory.mktemp("e2e")
+    traversable(work, tmp_path_factory.getbasetemp().parent)
     cfg = write_config(work / "backupkit.toml", work)
     state: Run | None = None
     names = [bkguest.new_name("bk-e2e")]
