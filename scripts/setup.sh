@@ -7,6 +7,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 APT_PACKAGES=(
+  python3 python3-venv                  # the venv (Debian's python3 lacks ensurepip without it)
+  gcc python3-dev                       # libvirt-python and ovirt-imageio build from source
   qemu-utils qemu-system-x86            # qemu-img, qemu-nbd, KVM/TCG domains
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev pkg-config                # to build libvirt-python
@@ -23,19 +25,46 @@ for p in "${APT_PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  # A run interrupted inside dpkg leaves packages half-configured; finish them first.
+  dpkg --configure -a >/dev/null 2>&1 || true
+  # Wait for the dpkg lock (unattended-upgrades, another setup) instead of failing.
+  apt-get -o DPkg::Lock::Timeout=600 update -qq || { echo "setup: apt-get update failed" >&2; exit 1; }
+  if ! apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/tmp/backupkit-apt.log 2>&1; then
+    tail -20 /tmp/backupkit-apt.log >&2
+    echo "setup: apt-get install failed (full log: /tmp/backupkit-apt.log)" >&2
+    exit 1
+  fi
 fi
 
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+# Debian's interpreter, not whatever python3 comes first in PATH: the venv must be the
+# same on every machine, and Debian's python3-* modules (nbdkit's python plugin) use it.
+PY=${PYTHON:-/usr/bin/python3}
+# A venv is usable when its python runs, pip imports and it was made from $PY; anything
+# else (a run killed half-way, ensurepip missing, another interpreter) is made anew.
+venv_ok() {
+  [ -x .venv/bin/python ] && [ -x .venv/bin/pip ] &&
+    [ "$(cat .venv/.backupkit-python 2>/dev/null)" = "$(readlink -f "$PY")" ] &&
+    .venv/bin/python -c 'import pip' >/dev/null 2>&1
+}
+if ! venv_ok; then
+  if [ -e .venv ]; then
+    echo "setup: .venv is incomplete or from another interpreter; making it anew" >&2
+    rm -rf .venv
+  fi
   echo "setup: creating .venv" >&2
-  "$PY" -m venv .venv
+  if ! "$PY" -m venv .venv; then
+    rm -rf .venv
+    echo "setup: '$PY -m venv' failed (is python3-venv installed?)" >&2
+    exit 1
+  fi
+  readlink -f "$PY" >.venv/.backupkit-python
 fi
 stamp=.venv/.backupkit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing backupkit into .venv" >&2
   log=.venv/setup.log
+  rm -f "$stamp"
   if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e ".[dev]"; } >"$log" 2>&1; then
     tail -30 "$log" >&2
     echo "setup: pip install failed (full log: $log)" >&2
