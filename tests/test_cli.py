@@ -11,15 +11,27 @@ from backupkit import cli
 from tests.conftest import run_cli
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--json", "frobnicate"]) == 2
+@pytest.fixture(autouse=True)
+def no_host_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs must not read this host's /etc/backupkit or the caller's env."""
+    monkeypatch.setenv("BACKUPKIT_CONFIG", "/dev/null")
+    monkeypatch.delenv("BACKUPKIT_REPO", raising=False)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["backup"], "backup needs DOMAIN... or --all"),
+    (["backup", "a", "--all"], "not both"),
+    (["hygiene", "check"], "hygiene check needs DOMAIN or --image PATH"),
+])
+def test_usage_errors_exit_2(argv: list[str], says: str,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--json", *argv]) == 2
     out, err = capsys.readouterr()
     doc = json.loads(out)
     assert doc["error"]["exit_code"] == 2 and doc["error"]["kind"] == "usage"
-    assert len(err.strip().splitlines()) == 1
-    assert cli.main(["backup"]) == 2
-    assert cli.main(["backup", "a", "--all"]) == 2
-    assert cli.main(["hygiene", "check"]) == 2
+    assert says in doc["error"]["message"], doc
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_missing_explicit_config_exit_2(tmp_path: Path,
