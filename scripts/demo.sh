@@ -2,8 +2,12 @@
 # The main job, end to end, on this machine: set up, start a demo VM, back it up
 # full and incremental into a local repository, restore both, verify.
 #
-#   bash scripts/demo.sh            # repository in ./demo-repo, images in ./demo-work
-#   DEMO_DIR=/srv/x bash scripts/demo.sh
+#   bash scripts/demo.sh            # repository in ./demo-repo,
+#                                   # images in /var/lib/libvirt/images/backupkit-demo
+#   DEMO_DIR=/srv/x bash scripts/demo.sh   # both under /srv/x (demo-repo, demo-work)
+#
+# QEMU runs as the unprivileged libvirt-qemu user, as on every stock host: the images,
+# like any VM's, live where that user can reach them (a clone in /root is not).
 #
 # The demo VM has no guest OS: "guest writes" go through QEMU's block layer
 # (HMP qemu-io), exactly as a guest's writes would.  Safe to run again.
@@ -16,9 +20,13 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-DIR=${DEMO_DIR:-$PWD}
-WORK="$DIR/demo-work"
-REPO="$DIR/demo-repo"
+if [ -n "${DEMO_DIR:-}" ]; then
+  WORK="$DEMO_DIR/demo-work"
+  REPO="$DEMO_DIR/demo-repo"
+else
+  WORK=/var/lib/libvirt/images/backupkit-demo
+  REPO="$PWD/demo-repo"
+fi
 VM=backupkit-demo
 URI=qemu:///system
 mkdir -p "$WORK"
