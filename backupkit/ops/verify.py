@@ -152,51 +152,67 @@ def _heal(repo: Repository, good: list[tuple[Manifest, list[str]]], bad: dict[by
     A bad chunk fills (slot, offset, length) of some disk of a damaged backup.
     Any other backup of that domain with a disk of that name and size whose slot
     can be read in full (none of its own chunks bad) holds candidate bytes: they
-    are hash-checked against the chunk's name before they are stored.
+    are hash-checked against the chunk's name before they are stored.  One index
+    is held at a time, newest backup first.  A damaged chunk still in place
+    (it could not be quarantined) cannot be replaced and is not healed.
     """
-    needs: dict[bytes, list[tuple[str, str, int, int, int, int]]] = {}
-    indexes: dict[tuple[str, str, str], Index] = {}
+    # (domain, disk, size) -> chunk -> the places it fills: (slot, offset, length)
+    needs: dict[tuple[str, str, int], dict[bytes, list[tuple[int, int, int]]]] = {}
     for m, readable in good:
         for name in readable:
             index = repo.load_index(m, name)
-            indexes[(m.domain, m.id, name)] = index
+            wanted = needs.setdefault((m.domain, name, index.virtual_size), {})
             for slot, digest, pieces in index.slots():
-                size = index.virtual_size
                 if digest is not None and digest in bad:
-                    needs.setdefault(digest, []).append(
-                        (m.domain, name, size, slot, 0, index.slot_length(slot)))
+                    wanted.setdefault(digest, []).append((slot, 0, index.slot_length(slot)))
                 for off, n, d in pieces:
                     if d is not None and d in bad:
-                        needs.setdefault(d, []).append((m.domain, name, size, slot, off, n))
+                        wanted.setdefault(d, []).append((slot, off, n))
     healed: set[bytes] = set()
+    present = {d for d in bad if _present(repo, d)}
     buf = bytearray(repo.chunk_size + 1)
     slot_buf = memoryview(bytearray(repo.chunk_size))
     newest_first = sorted((m for m, _ in good), key=Manifest.sort_key, reverse=True)
-    for digest, places in needs.items():
-        for domain, disk, size, slot, off, n in places:
-            if digest in healed:
+    for (domain, disk, size), wanted in needs.items():
+        for m in newest_first:
+            if not any(d not in healed and d not in present for d in wanted):
                 break
-            for m in newest_first:
-                src = indexes.get((m.domain, m.id, disk))
-                if m.domain != domain or src is None or src.virtual_size != size:
+            if m.domain != domain or m.disk(disk) is None:
+                continue
+            try:
+                src = repo.load_index(m, disk)
+            except Error:
+                continue
+            if src.virtual_size != size:
+                continue
+            for digest, places in wanted.items():
+                if digest in healed or digest in present:
                     continue
-                if any(d in bad for d in src.slot_digests(slot)):
-                    continue  # the same damage, or other damage: no source
-                view = slot_buf[:src.slot_length(slot)]
-                try:
-                    repo.read_slot(src[slot], src.pieces(slot), view, buf)
-                except Error:
-                    continue
-                piece = view[off:off + n]
-                if repo.digest(piece) != digest:
-                    continue
-                repo.put_chunk(piece)
-                healed.add(digest)
-                log.warning("chunk %s healed from backup %s/%s disk %s", digest.hex(),
-                            m.domain, m.id, disk)
-                break
+                for slot, off, n in places:
+                    if any(d in bad for d in src.slot_digests(slot)):
+                        continue  # the same damage, or other damage: no source here
+                    view = slot_buf[:src.slot_length(slot)]
+                    try:
+                        repo.read_slot(src[slot], src.pieces(slot), view, buf)
+                    except Error:
+                        continue
+                    piece = view[off:off + n]
+                    if repo.digest(piece) != digest:
+                        continue
+                    repo.put_chunk(piece)
+                    healed.add(digest)
+                    log.warning("chunk %s healed from backup %s/%s disk %s", digest.hex(),
+                                m.domain, m.id, disk)
+                    break
     repo.storage.flush()
     return healed
+
+
+def _present(repo: Repository, digest: bytes) -> bool:
+    try:
+        return repo.has_chunk(digest)
+    except Error:
+        return True  # something is there (a special file, say): it cannot be replaced
 
 
 def verify(repo: Repository, domain: str | None = None, backup: str | None = None, *,
