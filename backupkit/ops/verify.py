@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from backupkit.errors import (
-    CorruptRepository,
     Error,
     IntegrityError,
     RepositoryError,
     UnsupportedFormat,
 )
 from backupkit.repo import Index, Manifest, Repository
+from backupkit.repo.repository import ChunkMissing
 
 log = logging.getLogger("backupkit.verify")
 
@@ -102,11 +102,11 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
                         with lock:
                             progress(n)
                 elif not repo.has_chunk(digest):
-                    raise CorruptRepository(repo.missing_chunk(digest), path=repo.path)
+                    raise ChunkMissing(repo.missing_chunk(digest), path=repo.path)
             except RepositoryError as e:
                 with lock:
                     bad[digest] = e.reason
-                    if data and not isinstance(e.__cause__, Error):  # not "missing"
+                    if data and not isinstance(e, ChunkMissing):  # a file is there: damaged
                         damaged.add(digest)
             except Error as e:  # e.g. permission denied: not damage of the chunk itself
                 with lock:

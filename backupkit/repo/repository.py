@@ -66,6 +66,10 @@ QUARANTINE = "quarantine"
 _FS_ROOT_DIRS = ("lost+found",)
 
 
+class ChunkMissing(CorruptRepository):
+    """A chunk a backup references is not in the store (damage of the backup, not of a file)."""
+
+
 @dataclass
 class Listing:
     """The committed backups that could be read, and those that could not (with why)."""
@@ -119,6 +123,17 @@ class Repository:
     def init(cls, path: str, *, chunk_size: int = 1 << 20,
              compression_level: int = 1, hash_name: str = DEFAULT_HASH) -> Repository:
         path = os.path.abspath(path)
+        try:
+            return cls._init(path, chunk_size, compression_level, hash_name)
+        except OSError as e:  # a read-only or forbidden place: say so, naming it
+            err = LocalStorage(path).os_error(e, "", "creating")
+            if err is e:
+                raise
+            raise err from e
+
+    @classmethod
+    def _init(cls, path: str, chunk_size: int, compression_level: int, hash_name: str
+              ) -> Repository:
         if hash_name not in HASHES:
             raise UsageError(f"unknown chunk hash {hash_name!r} "
                              f"(choose {' or '.join(sorted(HASHES))})")
@@ -305,7 +320,7 @@ class Repository:
         try:
             yield
         except NotFound as e:
-            raise CorruptRepository(self.missing_chunk(digest), path=self.path) from e
+            raise ChunkMissing(self.missing_chunk(digest), path=self.path) from e
 
     def missing_chunk(self, digest: bytes) -> str:
         """Why a chunk is missing, as one phrase (naming its quarantined copy if any)."""

@@ -244,6 +244,8 @@ def test_read_only_repository(ro_mount: Path, tmp_path: Path) -> None:
     # Writers say why they cannot (one line, exit 1), never "internal error".
     r.fails(1, "delete", "vm1", old, match="read-only")
     r.fails(1, "gc", match="read-only")
+    cp = run_cli("--repo", str(ro_mount / "new"), "init")
+    assert cp.returncode == 1 and "read-only" in one_line_error(cp), cp.stderr
     assert r.ok("gc", "--dry-run")["chunks_removed"] == 1
 
 
