@@ -67,7 +67,8 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--chunk-size", type=_size, metavar="BYTES",
                    help="chunk size (power of two, 64K..16M; default from config, 1M)")
     s.add_argument("--compression-level", type=int, metavar="N",
-                   help="zstd level recorded in the repository (default from config, 1)")
+                   help="zstd level recorded in the repository (-7..-1 or 1..22; default "
+                        "from config, 1)")
     s.add_argument("--hash", choices=("blake3", "sha256"), default="blake3",
                    help="chunk hash, fixed for the repository's life (default blake3, "
                         "about 4x faster; sha256 where a FIPS-approved hash is required)")
@@ -115,7 +116,12 @@ def build_parser() -> ArgumentParser:
     s.add_argument("domain", nargs="?", metavar="DOMAIN")
     s.add_argument("backup", nargs="?", metavar="BACKUP")
     s.add_argument("--data", action="store_true", default=None,
-                   help="read every chunk and check its hash")
+                   help="read every chunk and check its hash; move damaged chunks to the "
+                        "repository's quarantine/ so the next backup stores them afresh")
+    s.add_argument("--repair", action="store_true",
+                   help="store missing (quarantined) chunks again where another backup of "
+                        "the same disk holds the same data")
+    _wait(s)
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("prune", help="remove backups outside the retention policy")
@@ -127,6 +133,12 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     _wait(s)
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("delete", help="delete one backup by id, even one that cannot be read")
+    s.add_argument("domain", metavar="DOMAIN")
+    s.add_argument("backup", metavar="BACKUP", help="backup id")
+    _wait(s)
+    s.set_defaults(func=cmd_delete)
 
     s = sub.add_parser("gc", help="remove unreferenced chunks and leftovers of interrupted runs")
     s.add_argument("--dry-run", action="store_true", help="print what would be removed")
@@ -218,9 +230,11 @@ def cmd_init(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.repo import Repository
 
     path = _repo_path(args, cfg)
+    # "is None", not "or": --chunk-size 0 is an error, never the default.
     repo = Repository.init(
-        path, chunk_size=args.chunk_size or cfg.chunk_size,
-        compression_level=args.compression_level or cfg.backup.compression_level,
+        path, chunk_size=cfg.chunk_size if args.chunk_size is None else args.chunk_size,
+        compression_level=(cfg.backup.compression_level if args.compression_level is None
+                           else args.compression_level),
         hash_name=args.hash)
     log.info("initialized repository %s (chunk size %d, %s)", repo.path, repo.chunk_size,
              repo.hash_name)
@@ -352,7 +366,8 @@ def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:
 
     data = cfg.verify_data if args.data is None else args.data
     return verify.verify(_open_repo(args, cfg, args.domain), args.domain, args.backup,
-                         data=bool(data), progress_start=progress_factory(args))
+                         data=bool(data), repair=args.repair, wait=_lock_wait(args, cfg),
+                         progress_start=progress_factory(args))
 
 
 def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -367,6 +382,13 @@ def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
                           monthly=given["monthly"] or 0, yearly=given["yearly"] or 0)
     return prune.prune(_open_repo(args, cfg, args.domain), args.domain, policy,
                        dry_run=args.dry_run, wait=_lock_wait(args, cfg))
+
+
+def cmd_delete(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import prune
+
+    return prune.delete(_open_repo(args, cfg, args.domain), args.domain, args.backup,
+                        wait=_lock_wait(args, cfg))
 
 
 def cmd_gc(args: argparse.Namespace, cfg: config.Config) -> Any:

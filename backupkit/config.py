@@ -168,8 +168,14 @@ def load(path: str | None = None) -> Config:
     """Load the config: an explicit path must exist; the default may be missing."""
     explicit = path is not None
     if path is None:
-        path = os.environ.get("BACKUPKIT_CONFIG") or DEFAULT_PATH
-        explicit = "BACKUPKIT_CONFIG" in os.environ
+        env = os.environ.get("BACKUPKIT_CONFIG")
+        if env == "":
+            raise ConfigError("is set but empty: unset it to use the default "
+                              f"{DEFAULT_PATH}, or give a file", "$BACKUPKIT_CONFIG")
+        path = env or DEFAULT_PATH
+        explicit = env is not None
+    elif not path:
+        raise ConfigError("empty path given (--config \"\")", "--config")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_SIZE + 1)

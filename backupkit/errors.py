@@ -128,6 +128,26 @@ class NoSpace(OperationFailed):
     kind = "no_space"
 
 
+class PermissionDenied(OperationFailed):
+    """The operating system refused access to a file (EACCES, EPERM); names the path."""
+
+    kind = "permission_denied"
+    msg = "permission denied: {path} ({reason})"
+
+    def __init__(self, reason: str, path: str) -> None:
+        super().__init__(reason, path=path)
+
+
+class ReadOnly(OperationFailed):
+    """A write was needed on a read-only filesystem (EROFS)."""
+
+    kind = "read_only"
+    msg = "{path} is on a read-only filesystem: {reason}"
+
+    def __init__(self, reason: str, path: str) -> None:
+        super().__init__(reason, path=path)
+
+
 class CommandFailed(OperationFailed):
     """An external command exited non-zero; its stderr is kept."""
 

@@ -58,11 +58,34 @@ def _big_endian(table: array[int]) -> bytes:
     return table.tobytes()
 
 
+def _layout(data_clusters: int, l2_tables: int, l1_size: int, cluster_size: int
+            ) -> tuple[int, int, int]:
+    """(refcount blocks, refcount table clusters, total clusters) of an image as laid out here.
+
+    The one place that sizes the refcount structures: cluster 0 (the header),
+    the data clusters, the L2 tables, the L1 table, then the refcount blocks
+    (16-bit entries) and their table, which count themselves too: grown to a
+    fixed point.  More data or L2 tables never need less, so the result for a
+    disk whose every cluster holds data bounds every image of that disk.
+    """
+    rb_entries = cluster_size * 8 // (1 << REFCOUNT_ORDER)
+    rb_start = 1 + data_clusters + l2_tables + _ceil_div(l1_size * 8, cluster_size)
+    blocks = table_clusters = 0
+    while True:
+        total = rb_start + blocks + table_clusters
+        need_blocks = _ceil_div(total, rb_entries)
+        need_table = _ceil_div(need_blocks * 8, cluster_size)
+        if (need_blocks, need_table) == (blocks, table_clusters):
+            return blocks, table_clusters, total
+        blocks, table_clusters = need_blocks, need_table
+
+
 def check_geometry(virtual_size: int, cluster_size: int) -> None:
     """ValueError unless QEMU can open an image of this size with these clusters, even full.
 
     Checked before any data is written: the L1 table and, for a disk whose every
-    cluster holds data, the refcount table must stay within QEMU's limits.
+    cluster holds data (the worst case, sized by _layout as finish() sizes the
+    real image), the refcount table must stay within QEMU's limits.
     """
     if cluster_size & (cluster_size - 1) or not MIN_CLUSTER <= cluster_size <= MAX_CLUSTER:
         raise ValueError(f"qcow2 cluster size must be a power of two between {MIN_CLUSTER} "
@@ -74,12 +97,8 @@ def check_geometry(virtual_size: int, cluster_size: int) -> None:
     if l1_size * 8 > MAX_L1_BYTES:
         raise ValueError(f"a {virtual_size}-byte disk needs an L1 table larger than QEMU "
                          f"opens with {cluster_size}-byte clusters")
-    # Header, every data cluster, the L2 tables and L1 table, then the refcount blocks
-    # (16-bit entries) and their table, with room for the blocks counting themselves.
-    total = 1 + clusters + l1_size + _ceil_div(l1_size * 8, cluster_size)
-    rb_entries = cluster_size * 8 // (1 << REFCOUNT_ORDER)
-    blocks = _ceil_div(total, rb_entries) + 2
-    if _ceil_div(blocks * 8, cluster_size) * cluster_size > MAX_REFTABLE_BYTES:
+    _blocks, table_clusters, _total = _layout(clusters, l1_size, l1_size, cluster_size)
+    if table_clusters * cluster_size > MAX_REFTABLE_BYTES:
         raise ValueError(f"a {virtual_size}-byte disk needs a refcount table larger than "
                          f"QEMU opens with {cluster_size}-byte clusters")
 
@@ -87,7 +106,9 @@ def check_geometry(virtual_size: int, cluster_size: int) -> None:
 class Qcow2Writer:
     """Writes a new standalone qcow2 v3 image (no backing file): data first, metadata at finish.
 
-    fd is a file opened for writing, empty (a new file); the caller closes it.
+    fd is a file opened for writing, empty (a new file: anything else is refused,
+    since the image would keep whatever lies between its clusters); the caller
+    closes it.  After a write failed, finish() refuses: the image lacks data.
     write() may be called from several threads at once.  Each write starts at a
     cluster boundary and covers whole clusters, except that the last cluster of
     a disk whose size is not cluster aligned may be written short; each guest
@@ -102,6 +123,8 @@ class Qcow2Writer:
 
     def __init__(self, fd: int, virtual_size: int, cluster_size: int = 65536) -> None:
         check_geometry(virtual_size, cluster_size)
+        if os.fstat(fd).st_size:
+            raise ValueError("a qcow2 image is written into an empty file only")
         self.fd = fd
         self.virtual_size = virtual_size
         self.cluster_size = cluster_size
@@ -120,6 +143,7 @@ class Qcow2Writer:
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
         self._finished = False
+        self._failed: BaseException | None = None
         self._writeback = Writeback(fd)  # the disk writes overlap the restore
 
     def write(self, offset: int, data: Buffer) -> None:
@@ -158,6 +182,10 @@ class Qcow2Writer:
         try:
             pwrite_all(self.fd, view, host * cs)
             self._writeback.wrote(n)
+        except BaseException as e:
+            with self._lock:
+                self._failed = e
+            raise
         finally:
             with self._lock:
                 self._inflight -= 1
@@ -184,23 +212,18 @@ class Qcow2Writer:
             self._finished = True
             while self._inflight:
                 self._idle.wait()
+            if self._failed is not None:
+                raise ValueError(f"a write to the qcow2 image failed ({self._failed}); "
+                                 "refusing to finish an image that lacks data")
         cs = self.cluster_size
         rb_entries = cs * 8 // (1 << REFCOUNT_ORDER)
         l2_at = {l1: self._next + i for i, l1 in enumerate(sorted(self._l2))}
         l1_start = self._next + len(l2_at)
         l1_clusters = _ceil_div(self.l1_size * 8, cs)
         rb_start = l1_start + l1_clusters
-        # The refcount blocks count themselves and the refcount table: grow to a fixed point.
-        blocks = table_clusters = 0
-        while True:
-            total = rb_start + blocks + table_clusters
-            need_blocks = _ceil_div(total, rb_entries)
-            need_table = _ceil_div(need_blocks * 8, cs)
-            if (need_blocks, need_table) == (blocks, table_clusters):
-                break
-            blocks, table_clusters = need_blocks, need_table
-        if table_clusters * cs > MAX_REFTABLE_BYTES:
-            raise ValueError("qcow2 image needs a refcount table larger than QEMU opens")
+        # Never more than check_geometry allowed for (same _layout, at most its worst case).
+        blocks, table_clusters, total = _layout(self._next - 1, len(l2_at), self.l1_size, cs)
+        assert rb_start + blocks + table_clusters == total
         rt_start = rb_start + blocks
         os.ftruncate(self.fd, total * cs)  # covers a short last data cluster and the holes
 

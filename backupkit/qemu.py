@@ -136,3 +136,18 @@ def bitmap_merge(path: str, target: str, source: str, *, source_file: str | None
     if source_file:
         cmd += ["-b", source_file, "-F", source_fmt]
     _run([*cmd, path, target], runner)
+
+
+def check(path: str, fmt: str = "qcow2", *, runner: proc.Runner | None = None) -> None:
+    """qemu-img check: the image's metadata only (refcounts, L1/L2 tables), not its data.
+
+    CommandFailed naming the image when it finds corruption (exit 2) or leaked
+    clusters (exit 3), or cannot read the image (exit 1).
+    """
+    try:
+        _run([QEMU_IMG, "check", "-f", fmt, path], runner)
+    except CommandFailed as e:
+        what = {2: "corruption", 3: "leaked clusters"}.get(e.rc, "an error")
+        first = e.stderr.strip().splitlines()[0] if e.stderr.strip() else ""
+        raise CommandFailed(f"qemu-img check {path}", e.rc,
+                            f"found {what}{': ' + first if first else ''}") from e

@@ -54,7 +54,7 @@ def test_json_stdout_is_one_document_in_a_child_process(tmp_path: Path) -> None:
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout)["repository"]
     cp = run_cli("--json", "--repo", str(repo), "list")
-    assert json.loads(cp.stdout) == {"backups": []}
+    assert json.loads(cp.stdout) == {"backups": [], "damaged": []}
     cp = run_cli("--json", "--repo", str(tmp_path / "missing"), "list")
     assert cp.returncode == 4
     assert json.loads(cp.stdout)["error"]["kind"] == "not_found"

@@ -283,3 +283,81 @@ def test_qemu_keeps_writing_to_the_image(tmp_path: Path, size: int, cs: int) -> 
     assert "Pattern verification failed" not in cp.stdout + cp.stderr
     cp = qemu_img("check", "-f", "qcow2", str(path), check=False)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+# --- issue 17, item 9 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cs,refused,accepted", [
+    # The band the old estimate let through: finish() then needed a refcount table
+    # larger than QEMU opens, after every byte had been written.
+    (4096, 8778896465920, 8774618255360),
+    (K64, 2251520641204224, 2251456216236032),
+])
+def test_geometry_band_refused_up_front(cs: int, refused: int, accepted: int) -> None:
+    from backupkit import qcow2
+
+    with pytest.raises(ValueError, match="refcount table"):
+        check_geometry(refused, cs)
+    check_geometry(accepted, cs)
+    # What check_geometry accepts, a full disk's finish() lays out within QEMU's limits.
+    clusters = -(-accepted // cs)
+    l1 = -(-clusters // (cs // 8))
+    _blocks, table, _total = qcow2._layout(clusters, l1, l1, cs)
+    assert table * cs <= qcow2.MAX_REFTABLE_BYTES
+
+
+def test_writer_refuses_a_file_that_is_not_empty(tmp_path: Path) -> None:
+    path = tmp_path / "img.qcow2"
+    path.write_bytes(b"precious")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(ValueError, match="empty file"):
+            Qcow2Writer(fd, MiB)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"precious"
+
+
+@pytest.mark.root
+def test_finish_refuses_after_a_failed_write(small_fs: Path) -> None:
+    """A write that fails (here: the 1 MiB tmpfs is full) makes finish() refuse."""
+    path = small_fs / "img.qcow2"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        w = Qcow2Writer(fd, 8 * MiB)
+        with pytest.raises(OSError):
+            for i in range(8):
+                w.write(i * MiB, rand(MiB, i))
+        with pytest.raises(ValueError, match="failed"):
+            w.finish()
+    finally:
+        os.close(fd)
+    assert qemu_img("info", "-f", "qcow2", str(path), check=False).returncode != 0
+
+
+def test_restore_checks_the_qcow2_before_renaming_it(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer bug (here: one refcount made wrong after finish) never reaches <disk>.qcow2."""
+    from backupkit.errors import CommandFailed
+
+    repo = Repository.init(str(tmp_path / "repo"), chunk_size=K64)
+    img = write_image(tmp_path / "a.raw", 2 * MiB, [(0, rand(3 * K64, 1))])
+    make_backup(repo, "vm1", {"vda": img})
+    finish = Qcow2Writer.finish
+
+    def broken_finish(self: Qcow2Writer) -> None:
+        finish(self)
+        with open(f"/proc/self/fd/{self.fd}", "r+b") as f:
+            f.seek(48)
+            (table,) = struct.unpack(">Q", f.read(8))
+            f.seek(table)
+            (block,) = struct.unpack(">Q", f.read(8))
+            f.seek(block)
+            f.write(b"\x00\x05")  # cluster 0 (the header) counted 5 times: a leak
+
+    monkeypatch.setattr(Qcow2Writer, "finish", broken_finish)
+    out = tmp_path / "out"
+    with pytest.raises(CommandFailed, match="qemu-img check"):
+        restore(repo, "vm1", "latest", str(out), fmt="qcow2")
+    assert sorted(os.listdir(out)) == []

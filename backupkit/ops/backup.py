@@ -93,7 +93,8 @@ class Plan:
 
 
 def choose_mode(requested: str, domain: str, previous: Manifest | None,
-                checkpoint_known: bool, disks: Sequence[DiskState]) -> Plan:
+                checkpoint_known: bool, disks: Sequence[DiskState],
+                no_parent: str | None = None) -> Plan:
     """Decide full or incremental for one domain, with the reason (pure).
 
     Incremental needs: a previous backup with a checkpoint libvirt knows, and,
@@ -115,8 +116,8 @@ def choose_mode(requested: str, domain: str, previous: Manifest | None,
         return full("full backup requested")
     if not bitmap_disks:
         return full("no disk can hold bitmaps")
-    if previous is None:
-        return full("no previous backup in the repository")
+    if previous is None:  # no_parent: why the latest backup cannot be one
+        return full(no_parent or "no previous backup in the repository")
     if not previous.checkpoint:
         return full(f"previous backup {previous.id} has no checkpoint")
     if not checkpoint_known:
@@ -278,10 +279,11 @@ class _Backup:
         return _running_bitmap_state(self.dom, disk, bitmap, self.dom.block_bitmaps())
 
     def plan(self, disks: list[vxml.Disk], running: bool) -> Plan:
-        try:
-            prev: Manifest | None = self.repo.get_manifest(self.req.domain, "latest")
-        except NotFound:
-            prev = None
+        # A latest backup that cannot be read (or lacks quarantined chunks) makes this
+        # backup full, with the reason, never a failure.
+        prev, unusable = self.repo.backup_parent(self.req.domain)
+        if unusable:
+            self._warn(f"{unusable}; this backup is full")
         keep = prev.checkpoint if prev else None
         self.cleanup_leftovers(keep, running)
         if self.req.mode == "full" or prev is None or not prev.checkpoint:
@@ -307,7 +309,7 @@ class _Backup:
                 states = [DiskState(st.target, st.format, st.virtual_size,
                                     refused if st.format == "qcow2" else st.bitmap)
                           for st in states]
-        return choose_mode(self.req.mode, self.req.domain, prev, known, states)
+        return choose_mode(self.req.mode, self.req.domain, prev, known, states, unusable)
 
     # -- run --------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ Runs under the exclusive repository lock: backups and prune hold the shared
 lock for their whole run, so no backup can be between "chunk exists, skip it"
 and "commit the manifest that references it" while gc decides what is
 unreferenced (docs/format.md, "Locks and gc").  gc refuses to delete anything
-if a manifest or index cannot be read: it could not know what that backup needs.
+if a manifest or index cannot be read: it could not know what that backup needs
+(``backupkit delete`` removes such a backup).  A quarantined copy of a damaged
+chunk is removed once no backup lacks that chunk.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 import time
 from typing import Any
 
-from backupkit.errors import CorruptRepository, RepositoryError
+from backupkit.errors import CorruptRepository, Error, RepositoryError
 from backupkit.repo import Repository
 
 _CHUNK_KEY = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{64})")
@@ -28,10 +30,12 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
         committed: set[tuple[str, str]] = set()
         backups = 0
         for d, bid, m in repo.scan_backups():
-            if isinstance(m, RepositoryError):
+            if isinstance(m, Error):
+                why = m.reason if isinstance(m, RepositoryError) else str(m)
                 raise CorruptRepository(
-                    f"gc refuses to run: backup {d}/{bid} is unreadable ({m.reason}); "
-                    "run verify, then remove or repair it", path=repo.path)
+                    f"gc refuses to run: backup {d}/{bid} is unreadable ({why}); "
+                    f"run verify, then delete it (backupkit delete {d} {bid})",
+                    path=repo.path)
             backups += 1
             committed.add((d, bid))
             for rec in m.disks:
@@ -39,8 +43,8 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
                     index = repo.load_index(m, rec.name)
                 except RepositoryError as e:
                     raise CorruptRepository(
-                        f"gc refuses to run: {e.reason}; run verify first", path=repo.path
-                    ) from e
+                        f"gc refuses to run: {e.reason}; run verify, then delete that backup "
+                        f"(backupkit delete {d} {bid})", path=repo.path) from e
                 referenced.update(index.digests())
 
         # 2. Backup directories without a manifest: interrupted backups or prunes.
@@ -71,6 +75,21 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
             if dry_run or storage.delete(info.key):
                 chunk_count += 1
                 chunk_bytes += info.size
+
+        # 3b. Quarantined copies of damaged chunks (verify --data moved them there): kept
+        # while a backup still lacks the chunk, for whoever wants to salvage it.
+        quarantine_count = quarantine_bytes = 0
+        for digest, keys in repo.quarantined().items():
+            if digest in referenced and not repo.has_chunk(digest):
+                continue
+            for qkey in keys:
+                try:
+                    size = storage.size(qkey)
+                except Error:  # a special file: nothing to count
+                    size = 0
+                if dry_run or storage.delete(qkey):
+                    quarantine_count += 1
+                    quarantine_bytes += size
 
         dir_bytes = 0
         for (d, bid), files in sorted(orphan_dirs.items()):
@@ -104,7 +123,8 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
         "incomplete_bytes_freed": dir_bytes,
         "tmp_files_removed": tmp_count,
         "tmp_bytes_freed": tmp_bytes,
-        "bytes_freed": chunk_bytes + dir_bytes + tmp_bytes,
+        "quarantined_removed": quarantine_count,
+        "bytes_freed": chunk_bytes + dir_bytes + tmp_bytes + quarantine_bytes,
         "unknown_files": unknown,
         "duration_seconds": round(time.monotonic() - started, 3),
     }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from backupkit.repo import Manifest, Repository
+
+log = logging.getLogger("backupkit.list")
 
 
 def _summary(m: Manifest) -> dict[str, Any]:
@@ -21,8 +24,18 @@ def _summary(m: Manifest) -> dict[str, Any]:
 
 
 def list_backups(repo: Repository, domain: str | None = None) -> dict[str, Any]:
-    """Committed backups, oldest first (a damaged manifest raises, naming it)."""
-    return {"backups": [_summary(m) for m in repo.list_backups(domain)]}
+    """Committed backups, oldest first; those that cannot be read are skipped and named.
+
+    One damaged backup must not hide the others: each one skipped is a warning
+    (and an entry of "damaged"); verify reports it as damage (exit 5), and
+    ``backupkit delete DOMAIN ID`` removes it.
+    """
+    listing = repo.backups(domain)
+    for d, bid, e in listing.damaged:
+        log.warning("skipped backup %s/%s, which cannot be read: %s (backupkit delete %s %s "
+                    "removes it)", d, bid or "?", e, d, bid or "?")
+    return {"backups": [_summary(m) for m in listing.manifests],
+            "damaged": listing.damaged_json()}
 
 
 def show(repo: Repository, domain: str, backup: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ Every backup restores on its own, so removing any of them never breaks another.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -25,6 +26,8 @@ from typing import Any
 
 from backupkit.errors import Busy, Partial, RepositoryError, UsageError
 from backupkit.repo import Manifest, Repository
+
+log = logging.getLogger("backupkit.prune")
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -147,13 +150,23 @@ def prune(repo: Repository, domain: str | None, policy: Policy, *, dry_run: bool
     now = now or datetime.now(UTC)
     decisions: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    damaged: list[dict[str, Any]] = []
     removed = kept = 0
     with repo.lock_shared(wait):
         domains = [domain] if domain is not None else _domains(repo)
         for d in domains:
             try:
                 with repo.lock_domain(d, wait):
-                    for dec in plan(repo.list_backups(d), policy, now):
+                    # A backup that cannot be read is neither kept nor removed by the
+                    # policy (it is not counted in any period): it is reported, and
+                    # ``backupkit delete`` removes it.
+                    listing = repo.backups(d)
+                    for _d, bid, e in listing.damaged:
+                        log.warning("prune skipped backup %s/%s, which cannot be read: %s "
+                                    "(backupkit delete %s %s removes it)", d, bid or "?", e,
+                                    d, bid or "?")
+                    damaged += listing.damaged_json()
+                    for dec in plan(listing.manifests, policy, now):
                         if dec.keep:
                             kept += 1
                         else:
@@ -172,9 +185,28 @@ def prune(repo: Repository, domain: str | None, policy: Policy, *, dry_run: bool
         "removed": removed,
         "decisions": decisions,
         "skipped": skipped,
+        "damaged": damaged,
     }
     if skipped:
         names = ", ".join(s["domain"] for s in skipped)
         raise Partial(f"prune skipped {len(skipped)} domain(s): {names}", result=result)
     return result
 
+
+
+def delete(repo: Repository, domain: str, backup_id: str, *, wait: float = 0.0
+           ) -> dict[str, Any]:
+    """Delete one backup by id, whether it can be read or not (a damaged one, say).
+
+    The supported way to remove a backup that verify reports as damaged and that
+    list and prune skip.  Holds the shared repository lock and the domain's lock,
+    as prune does; chunks are freed by the next gc.
+    """
+    if backup_id == "latest":
+        raise UsageError("delete needs a backup id, not 'latest' (backupkit list DOMAIN)")
+    with repo.lock_shared(wait), repo.lock_domain(domain, wait):
+        freed, damage = repo.delete_backup(domain, backup_id)
+    log.info("deleted backup %s/%s%s", domain, backup_id,
+             f" (it could not be read: {damage})" if damage else "")
+    return {"domain": domain, "id": backup_id, "deleted": True, "damaged": damage,
+            "bytes_freed": freed}

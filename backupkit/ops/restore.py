@@ -9,6 +9,10 @@ by backupkit.qcow2 (data clusters as they arrive, metadata and header at the
 end), so it costs about what raw output costs.  Each disk is written to
 "<disk>.<fmt>.tmp-<pid>" and renamed to "<disk>.<fmt>" only when every disk is
 complete, so a failed restore never leaves a half-written file under a final name.
+A qcow2 image is checked by ``qemu-img check`` (its metadata only) before that.
+A restore killed outright (SIGKILL, power loss) leaves its tmp files behind: the
+next restore of that backup's disks into the same directory removes those of
+processes that no longer exist.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backupkit import qcow2
+from backupkit import faults, qcow2, qemu
 from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed, UsageError
 from backupkit.fileio import Buffer, Writeback, pwrite_all
 from backupkit.qcow2 import Qcow2Writer
@@ -263,6 +269,45 @@ def _restore_qcow2(repo: Repository, job: _Job, workers: int,
         os.fsync(fd)
     finally:
         os.close(fd)
+    # The image's metadata as QEMU reads it (refcounts, L1/L2 tables; cheap: no data is
+    # read) before it gets its final name: a writer bug must not reach a domain.
+    qemu.check(job.tmp, "qcow2")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove_leftovers(target_dir: str, disks: Iterable[str]) -> list[str]:
+    """Remove "<disk>.<fmt>.tmp-<pid>" files of restores that were killed; their paths.
+
+    Only names a restore of these disks writes, only regular files, and only when
+    no process of that pid exists (a running restore's files are never touched).
+    """
+    try:
+        names = os.listdir(target_dir)
+    except FileNotFoundError:
+        return []
+    alternatives = "|".join(re.escape(d) for d in disks)
+    pattern = re.compile(rf"(?:{alternatives})\.(?:{'|'.join(FORMATS)})\.tmp-([0-9]+)")
+    removed = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m or int(m[1]) == os.getpid() or _pid_alive(int(m[1])):
+            continue
+        path = os.path.join(target_dir, name)
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed.append(path)
+                log.info("removed %s, left by a restore that was killed", path)
+    return removed
 
 
 def _install(tmp: str, final: str, force: bool) -> None:
@@ -311,6 +356,8 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
         workers = default_workers()
     if workers < 1:
         raise UsageError("workers must be at least 1")
+    if define:
+        check_name("domain name", define)  # before anything is read or written
     started = time.monotonic()
     manifest = repo.get_manifest(domain, backup)
     names = _select(manifest, disks)
@@ -338,6 +385,7 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
                 raise UsageError(f"disk {name} cannot be restored as qcow2: {e} "
                                  "(restore it as raw)") from None
     os.makedirs(target_dir, exist_ok=True)
+    _remove_leftovers(target_dir, [d.name for d in manifest.disks])
 
     results = []
     done: list[_Job] = []
@@ -360,6 +408,7 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
                 "data_bytes": job.index.data_bytes,
                 "duration_seconds": round(time.monotonic() - t0, 3),
             })
+        faults.point("restore_before_install")
         for job in jobs:
             _install(job.tmp, job.final, force)
     except BaseException as e:

@@ -5,26 +5,39 @@ number of backups times their size: pass 1 parses every manifest and index and
 collects the set of referenced digests; the chunks are then checked once each
 (existence, or read + decompress + hash check in parallel with data=True); only if
 some chunk is bad, pass 2 re-reads the indexes to name every affected backup,
-disk and byte range.  Nothing stops at the first problem.
+disk, byte range and missing chunk.  Nothing stops at the first problem.
+
+With data=True a chunk found damaged is moved to the repository's quarantine
+(as Proxmox Backup Server renames bad chunks): deduplication no longer trusts
+it, so the next backup that meets the same data stores it afresh, and every
+backup referencing it reads as missing that chunk, by name.  repair=True then
+heals what it can: a chunk a damaged backup lacks is stored again when another
+backup of the same disk holds the same bytes at the same place (the same
+chunk, or the range of a slot it covers, hash-checked), which is how a later
+full backup mends the backups before it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from backupkit.errors import (
-    CorruptRepository,
     Error,
     IntegrityError,
     RepositoryError,
     UnsupportedFormat,
 )
 from backupkit.repo import Index, Manifest, Repository
+from backupkit.repo.repository import ChunkMissing
+
+log = logging.getLogger("backupkit.verify")
 
 MAX_PROBLEMS = 20  # distinct problem messages listed per damaged item
+MAX_CHUNKS_LISTED = 100  # missing chunks named per damaged disk (all are counted)
 
 
 def _targets(repo: Repository, domain: str | None, backup: str | None
@@ -59,9 +72,11 @@ ProgressStart = Callable[[str, int], Callable[[int], None] | None]
 
 
 def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, workers: int,
-                  progress_start: ProgressStart | None = None) -> tuple[dict[bytes, str], int]:
-    """Bad digests with the reason, and bytes read."""
+                  progress_start: ProgressStart | None = None
+                  ) -> tuple[dict[bytes, str], set[bytes], int]:
+    """Bad digests with the reason, those of them whose file is there but damaged, bytes read."""
     bad: dict[bytes, str] = {}
+    damaged: set[bytes] = set()
     it = iter(sorted(digests))  # sorted: walks the chunk directories in order
     lock = threading.Lock()
     read_total = 0
@@ -87,13 +102,20 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
                         with lock:
                             progress(n)
                 elif not repo.has_chunk(digest):
-                    raise CorruptRepository(f"chunk {digest.hex()} is missing", path=repo.path)
+                    raise ChunkMissing(repo.missing_chunk(digest), path=repo.path)
             except RepositoryError as e:
                 with lock:
                     bad[digest] = e.reason
+                    if data and not isinstance(e, ChunkMissing):  # a file is there: damaged
+                        damaged.add(digest)
+            except Error as e:  # e.g. permission denied: not damage of the chunk itself
+                with lock:
+                    bad[digest] = str(e)
             except OSError as e:
                 with lock:
                     bad[digest] = f"chunk {digest.hex()}: {e}"
+                    if data:
+                        damaged.add(digest)
         with lock:
             read_total += local
 
@@ -104,22 +126,111 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
             t.start()
         for t in threads:
             t.join()
-    return bad, read_total
+    return bad, damaged, read_total
+
+
+def _quarantine(repo: Repository, damaged: set[bytes]) -> tuple[list[dict[str, str]], list[str]]:
+    """Move damaged chunks aside: (what was moved where, what could not be moved and why)."""
+    moved: list[dict[str, str]] = []
+    failed: list[str] = []
+    for digest in sorted(damaged):
+        try:
+            key = repo.quarantine_chunk(digest)
+        except Error as e:  # a read-only repository, say: still a report, never a crash
+            failed.append(f"chunk {digest.hex()}: cannot quarantine it: {e}")
+            continue
+        if key is not None:
+            log.warning("chunk %s is damaged: moved to %s", digest.hex(), key)
+            moved.append({"chunk": digest.hex(), "key": key})
+    return moved, failed
+
+
+def _heal(repo: Repository, good: list[tuple[Manifest, list[str]]], bad: dict[bytes, str]
+          ) -> set[bytes]:
+    """Store again every bad chunk another backup of the same disk still holds; those healed.
+
+    A bad chunk fills (slot, offset, length) of some disk of a damaged backup.
+    Any other backup of that domain with a disk of that name and size whose slot
+    can be read in full (none of its own chunks bad) holds candidate bytes: they
+    are hash-checked against the chunk's name before they are stored.  One index
+    is held at a time, newest backup first.  A damaged chunk still in place
+    (it could not be quarantined) cannot be replaced and is not healed.
+    """
+    # (domain, disk, size) -> chunk -> the places it fills: (slot, offset, length)
+    needs: dict[tuple[str, str, int], dict[bytes, list[tuple[int, int, int]]]] = {}
+    for m, readable in good:
+        for name in readable:
+            index = repo.load_index(m, name)
+            wanted = needs.setdefault((m.domain, name, index.virtual_size), {})
+            for slot, digest, pieces in index.slots():
+                if digest is not None and digest in bad:
+                    wanted.setdefault(digest, []).append((slot, 0, index.slot_length(slot)))
+                for off, n, d in pieces:
+                    if d is not None and d in bad:
+                        wanted.setdefault(d, []).append((slot, off, n))
+    healed: set[bytes] = set()
+    present = {d for d in bad if _present(repo, d)}
+    buf = bytearray(repo.chunk_size + 1)
+    slot_buf = memoryview(bytearray(repo.chunk_size))
+    newest_first = sorted((m for m, _ in good), key=Manifest.sort_key, reverse=True)
+    for (domain, disk, size), wanted in needs.items():
+        for m in newest_first:
+            if not any(d not in healed and d not in present for d in wanted):
+                break
+            if m.domain != domain or m.disk(disk) is None:
+                continue
+            try:
+                src = repo.load_index(m, disk)
+            except Error:
+                continue
+            if src.virtual_size != size:
+                continue
+            for digest, places in wanted.items():
+                if digest in healed or digest in present:
+                    continue
+                for slot, off, n in places:
+                    if any(d in bad for d in src.slot_digests(slot)):
+                        continue  # the same damage, or other damage: no source here
+                    view = slot_buf[:src.slot_length(slot)]
+                    try:
+                        repo.read_slot(src[slot], src.pieces(slot), view, buf)
+                    except Error:
+                        continue
+                    piece = view[off:off + n]
+                    if repo.digest(piece) != digest:
+                        continue
+                    repo.put_chunk(piece)
+                    healed.add(digest)
+                    log.warning("chunk %s healed from backup %s/%s disk %s", digest.hex(),
+                                m.domain, m.id, disk)
+                    break
+    repo.storage.flush()
+    return healed
+
+
+def _present(repo: Repository, digest: bytes) -> bool:
+    try:
+        return repo.has_chunk(digest)
+    except Error:
+        return True  # something is there (a special file, say): it cannot be replaced
 
 
 def verify(repo: Repository, domain: str | None = None, backup: str | None = None, *,
-           data: bool = False, workers: int = 2, wait: float = 0.0,
+           data: bool = False, repair: bool = False, workers: int = 2, wait: float = 0.0,
            progress_start: ProgressStart | None = None) -> dict[str, Any]:
     """Check the selected backups; IntegrityError (exit 5) with the report on any damage.
 
     Holds the shared repository lock, so gc cannot remove chunks meanwhile.
+    With data=True damaged chunks are quarantined; with repair=True missing
+    chunks are stored again where another backup still holds their bytes.
     """
     with repo.lock_shared(wait):
-        return _verify(repo, domain, backup, data, workers, progress_start)
+        return _verify(repo, domain, backup, data, workers, progress_start, repair)
 
 
 def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool,
-            workers: int, progress_start: ProgressStart | None = None) -> dict[str, Any]:
+            workers: int, progress_start: ProgressStart | None = None,
+            repair: bool = False) -> dict[str, Any]:
     started = time.monotonic()
     damaged: dict[tuple[str, str], dict[str, Any]] = {}
     good: list[tuple[Manifest, list[str]]] = []  # manifests with their readable disks
@@ -130,6 +241,8 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
         return damaged.setdefault((d, bid), {"domain": d, "id": bid, "problems": [],
                                              "disks": []})
 
+    # A repair may heal from any backup of the domain, not just the selected ones.
+    sources: list[tuple[Manifest, list[str]]] = []
     for d, bid, m in _targets(repo, domain, backup):
         backups += 1
         if isinstance(m, Error):
@@ -157,7 +270,18 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
                 digests.update((p, n) for _, n, p in pieces if p is not None)
         good.append((m, readable))
 
-    bad, read_bytes = _check_chunks(repo, digests, data, workers, progress_start)
+    bad, damaged_chunks, read_bytes = _check_chunks(repo, digests, data, workers,
+                                                    progress_start)
+    quarantined, not_quarantined = _quarantine(repo, damaged_chunks)
+    healed: set[bytes] = set()
+    if repair and bad:
+        if backup is not None or domain is not None:
+            chosen = {(m.domain, m.id) for m, _ in good}
+            for m in repo.backups(domain).manifests:
+                if (m.domain, m.id) not in chosen:
+                    sources.append((m, [rec.name for rec in m.disks]))
+        healed = _heal(repo, good + sources, bad)
+        bad = {d: why for d, why in bad.items() if d not in healed}
 
     if bad:
         for m, readable in good:
@@ -169,9 +293,13 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
                     continue
                 reasons = list(dict.fromkeys(bad[d] for i in slots
                                              for d in index.slot_digests(i) if d in bad))
+                lacks = sorted({d.hex() for i in slots for d in index.slot_digests(i)
+                                if d in bad})
                 damage(m.domain, m.id)["disks"].append({
                     "name": name,
                     "chunks": len(slots),
+                    "missing_chunks": lacks[:MAX_CHUNKS_LISTED],
+                    "missing_chunk_count": len(lacks),
                     "problems": reasons[:MAX_PROBLEMS],
                     "ranges": _ranges(index, slots),
                 })
@@ -183,13 +311,21 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
         "disks_checked": disks,
         "chunks_checked": len(digests),
         "chunks_damaged": len(bad),
+        "chunks_quarantined": quarantined,
         "bytes_read": read_bytes,
         "damaged": sorted(damaged.values(), key=lambda x: (x["domain"], x["id"])),
         "duration_seconds": round(time.monotonic() - started, 3),
     }
+    if not_quarantined:
+        report["quarantine_failed"] = not_quarantined[:MAX_PROBLEMS]
+    if repair:
+        report["chunks_repaired"] = sorted(d.hex() for d in healed)
     if damaged:
         names = ", ".join(f"{x['domain']}/{x['id']}" for x in report["damaged"])
         n = len(damaged)
-        raise IntegrityError(f"{n} backup{'s' if n != 1 else ''} damaged: {names}",
+        first = report["damaged"][0]
+        problems = first["problems"] or [p for d in first["disks"] for p in d["problems"]]
+        hint = f" ({problems[0]})" if problems else ""
+        raise IntegrityError(f"{n} backup{'s' if n != 1 else ''} damaged: {names}{hint}",
                              report=report)
     return report

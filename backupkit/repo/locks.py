@@ -12,13 +12,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from backupkit.errors import Busy, CorruptRepository
+from backupkit.errors import Busy, CorruptRepository, PermissionDenied, ReadOnly
+
+log = logging.getLogger("backupkit.locks")
 
 POLL_INTERVAL = 0.05
 LOCK_DIR = "locks"
@@ -68,16 +72,45 @@ def _holders_from_proc(fd: int) -> list[int]:
     return pids
 
 
-def _open_lock_file(root: str, name: str) -> int:
-    """Open (creating) root/locks/name without following symlinks."""
-    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+_CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _cannot_write(e: OSError, root: str, name: str) -> Exception:
+    if e.errno == errno.EROFS:
+        return ReadOnly(f"cannot create the lock file {LOCK_DIR}/{name}", path=root)
+    return PermissionDenied(f"cannot open the lock file: {e.strerror}",
+                            path=os.path.join(root, LOCK_DIR, name))
+
+
+def _open_lock_file(root: str, name: str, shared: bool) -> int | None:
+    """Open (creating) root/locks/name without following symlinks.
+
+    A repository where this process cannot write (a read-only mount or snapshot,
+    or files it may only read) still has its lock file: it is opened read-only,
+    which is enough for flock(2).  A shared holder (a reader) goes on without a
+    lock when the file is missing and cannot be created (None): nothing can
+    change such a repository through this mount.
+    """
+    try:
+        dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in _CANNOT_WRITE:
+            raise _cannot_write(e, root, name) from e
+        raise
     try:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             ldfd = os.open(LOCK_DIR, flags, dir_fd=dfd)
         except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(LOCK_DIR, 0o755, dir_fd=dfd)
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(LOCK_DIR, 0o755, dir_fd=dfd)
+            except OSError as e:
+                if shared and e.errno in _CANNOT_WRITE:
+                    log.info("repository %s: no lock directory and none can be made (%s); "
+                             "reading without a lock", root, e.strerror)
+                    return None
+                raise _cannot_write(e, root, name) from e
             ldfd = os.open(LOCK_DIR, flags, dir_fd=dfd)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -86,21 +119,41 @@ def _open_lock_file(root: str, name: str) -> int:
     finally:
         os.close(dfd)
     try:
-        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                       dir_fd=ldfd)
+        # O_NONBLOCK: a FIFO planted here must not block the open (it is refused below).
+        nofollow = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | nofollow, 0o644, dir_fd=ldfd)
+        except OSError as e:
+            if e.errno not in _CANNOT_WRITE:
+                raise
+            try:
+                fd = os.open(name, os.O_RDONLY | nofollow, dir_fd=ldfd)
+            except FileNotFoundError:
+                if shared:
+                    log.info("repository %s: no lock file %s and none can be made (%s); "
+                             "reading without a lock", root, name, e.strerror)
+                    return None
+                raise _cannot_write(e, root, name) from e
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise CorruptRepository(f"{LOCK_DIR}/{name} is a symlink", path=root) from e
         raise
     finally:
         os.close(ldfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptRepository(f"{LOCK_DIR}/{name} is not a regular file", path=root)
+    return fd
 
 
 @contextlib.contextmanager
 def hold(root: str, name: str, what: str, *, shared: bool = False, wait: float = 0.0
          ) -> Iterator[None]:
     """Hold the lock file root/locks/name; Busy(what, holder) after `wait` seconds."""
-    fd = _open_lock_file(root, name)
+    fd = _open_lock_file(root, name, shared)
+    if fd is None:
+        yield
+        return
     try:
         op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         deadline = time.monotonic() + max(0.0, wait)
@@ -113,9 +166,10 @@ def hold(root: str, name: str, what: str, *, shared: bool = False, wait: float =
                     raise Busy(what=what, holder=_holder(fd)) from None
                 time.sleep(POLL_INTERVAL)
         if not shared:
-            info = _describe_self().encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info + b"\n", 0)
+            with contextlib.suppress(OSError):  # EBADF: opened read-only (see above)
+                info = _describe_self().encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, info + b"\n", 0)
         try:
             yield
         finally:

@@ -10,6 +10,10 @@ from __future__ import annotations
 from backupkit.errors import InvalidName
 
 MAX_NAME = 200
+#: A name is one path component, with an affix at most (``domain.NAME.lock``, 12 bytes):
+#: bytes, not characters, are what a filesystem limits (255), and a character outside
+#: ASCII takes 2-4 of them in UTF-8.
+MAX_NAME_BYTES = 240
 
 
 def check_name(what: str, name: object) -> str:
@@ -20,6 +24,15 @@ def check_name(what: str, name: object) -> str:
         raise InvalidName(what, name, "empty")
     if len(name) > MAX_NAME:
         raise InvalidName(what, name[:40] + "...", f"longer than {MAX_NAME} characters")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidName(what, name.encode("utf-8", "replace").decode()[:40],
+                          "not valid UTF-8") from None
+    if size > MAX_NAME_BYTES:
+        raise InvalidName(what, name[:40] + "...",
+                          f"{size} bytes in UTF-8, more than the {MAX_NAME_BYTES} a file "
+                          "name leaves room for")
     if "/" in name:
         raise InvalidName(what, name, "contains '/'")
     if "\0" in name:

@@ -10,6 +10,7 @@ import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -18,9 +19,11 @@ import zstandard
 
 from backupkit.errors import (
     CorruptRepository,
+    Error,
     InvalidName,
     NotFound,
     OperationFailed,
+    PermissionDenied,
     RepositoryError,
     UnsupportedFormat,
     UsageError,
@@ -56,6 +59,26 @@ _CODEC_ZSTD_B = bytes([CODEC_ZSTD])
 
 MANIFEST_NAME = "manifest.json"
 INDEX_SUFFIX = ".index"
+#: Damaged chunks are moved here by verify (quarantine/<hex digest>.<time>-<random>), so
+#: that deduplication no longer trusts them and the next backup stores the data afresh.
+QUARANTINE = "quarantine"
+#: Directories a new filesystem has in its root, which init may create a repository beside.
+_FS_ROOT_DIRS = ("lost+found",)
+
+
+class ChunkMissing(CorruptRepository):
+    """A chunk a backup references is not in the store (damage of the backup, not of a file)."""
+
+
+@dataclass
+class Listing:
+    """The committed backups that could be read, and those that could not (with why)."""
+
+    manifests: list[Manifest] = field(default_factory=list)  # oldest first
+    damaged: list[tuple[str, str, Error]] = field(default_factory=list)  # domain, id, error
+
+    def damaged_json(self) -> list[dict[str, Any]]:
+        return [{"domain": d, "id": bid, "error": str(e)} for d, bid, e in self.damaged]
 
 
 def chunk_key(digest: bytes) -> str:
@@ -100,21 +123,35 @@ class Repository:
     def init(cls, path: str, *, chunk_size: int = 1 << 20,
              compression_level: int = 1, hash_name: str = DEFAULT_HASH) -> Repository:
         path = os.path.abspath(path)
+        try:
+            return cls._init(path, chunk_size, compression_level, hash_name)
+        except OSError as e:  # a read-only or forbidden place: say so, naming it
+            err = LocalStorage(path).os_error(e, "", "creating")
+            if err is e:
+                raise
+            raise err from e
+
+    @classmethod
+    def _init(cls, path: str, chunk_size: int, compression_level: int, hash_name: str
+              ) -> Repository:
         if hash_name not in HASHES:
             raise UsageError(f"unknown chunk hash {hash_name!r} "
                              f"(choose {' or '.join(sorted(HASHES))})")
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
             raise UsageError(f"chunk size must be a power of two between {MIN_CHUNK} "
                              f"and {MAX_CHUNK}, not {chunk_size}")
-        if not -7 <= compression_level <= 22:
-            raise UsageError(f"zstd compression level must be in -7..22, "
-                             f"not {compression_level}")
+        if not -7 <= compression_level <= 22 or compression_level == 0:
+            # zstd reads 0 as "its default" (3): recording 0 would hide the level in use.
+            raise UsageError(f"zstd compression level must be in -7..-1 or 1..22 "
+                             f"(0 would mean zstd's default, 3), not {compression_level}")
         if os.path.lexists(path):
             if not os.path.isdir(path):
                 raise UsageError(f"cannot create a repository at {path}: not a directory")
             if os.path.lexists(os.path.join(path, CONFIG_KEY)):
                 raise UsageError(f"{path} is already a backupkit repository")
-            if os.listdir(path):
+            if [n for n in os.listdir(path) if not (
+                    n in _FS_ROOT_DIRS and os.path.isdir(os.path.join(path, n))
+                    and not os.path.islink(os.path.join(path, n)))]:
                 raise UsageError(
                     f"cannot create a repository in {path}: the directory is not empty "
                     "and is not a repository")
@@ -283,7 +320,71 @@ class Repository:
         try:
             yield
         except NotFound as e:
-            raise CorruptRepository(f"chunk {digest.hex()} is missing", path=self.path) from e
+            raise ChunkMissing(self.missing_chunk(digest), path=self.path) from e
+
+    def missing_chunk(self, digest: bytes) -> str:
+        """Why a chunk is missing, as one phrase (naming its quarantined copy if any)."""
+        try:
+            moved = self.quarantined().get(digest)
+        except Error:
+            moved = None
+        if moved:
+            return (f"chunk {digest.hex()} is missing (verify quarantined it as damaged: "
+                    f"{moved[-1]})")
+        return f"chunk {digest.hex()} is missing"
+
+    # -- quarantine ------------------------------------------------------------
+
+    def quarantine_chunk(self, digest: bytes) -> str | None:
+        """Move a damaged chunk to quarantine/: the key it got, or None if it was not damaged.
+
+        From then on the chunk is missing: a backup that meets the same data stores
+        it afresh, and every backup that references it reads as damaged (naming the
+        chunk) until then.  The file is checked again once moved: should it be good
+        after all (another verify quarantined the damaged one and a backup stored
+        the chunk afresh meanwhile), it goes back.
+        """
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        dest = f"{QUARANTINE}/{digest.hex()}.{stamp}-{secrets.token_hex(3)}"
+        try:
+            self.storage.move(chunk_key(digest), dest)
+        except NotFound:
+            return None
+        try:
+            raw = self.storage.get(dest, self.chunk_size + 1)
+            self._checked(self._decode(raw, digest), digest, True)
+        except RepositoryError:
+            return dest
+        try:
+            self.storage.move(dest, chunk_key(digest))
+        except OperationFailed:  # stored afresh meanwhile
+            self.storage.delete(dest)
+        return None
+
+    def quarantined(self) -> dict[bytes, list[str]]:
+        """Chunk hash -> keys of its quarantined copies (oldest first)."""
+        out: dict[bytes, list[str]] = {}
+        for name in self.storage.children(f"{QUARANTINE}/"):
+            head = name.split(".", 1)[0]
+            try:
+                digest = bytes.fromhex(head)
+            except ValueError:
+                continue
+            if len(digest) == 32:
+                out.setdefault(digest, []).append(f"{QUARANTINE}/{name}")
+        return out
+
+    def lost_chunks(self) -> set[bytes]:
+        """Quarantined chunks not stored again since: what backups referencing them lack."""
+        lost = set()
+        for digest in self.quarantined():
+            try:
+                present = self.has_chunk(digest)
+            except RepositoryError:
+                present = False
+            if not present:
+                lost.add(digest)
+        return lost
 
     def _checked(self, data: _B, digest: bytes, verify: bool) -> _B:
         if verify and self.digest(data) != digest:
@@ -398,44 +499,107 @@ class Repository:
         return m
 
     def scan_backups(self, domain: str | None = None
-                     ) -> Iterator[tuple[str, str, Manifest | RepositoryError]]:
-        """Every committed backup as (domain, id, manifest or the error reading it)."""
-        prefix = "backups/"
+                     ) -> Iterator[tuple[str, str, Manifest | Error]]:
+        """Every committed backup as (domain, id, manifest or the error reading it).
+
+        A directory without a manifest is an incomplete backup (gc removes it) and
+        is skipped.  Anything unreadable (a damaged manifest, a special file, a
+        name that cannot be a backup, a file the process may not read) is yielded
+        with its error, never raised: one damaged backup hides no other.  An id of
+        "" stands for a domain directory that cannot be read at all.
+        """
+        domains: Sequence[str]
         if domain is not None:
             check_name("domain name", domain)
-            prefix = f"backups/{domain}/"
-        for info in self.storage.list(prefix):
-            parts = info.key.split("/")
-            if len(parts) != 4 or parts[3] != MANIFEST_NAME:
-                continue
-            d, bid = parts[1], parts[2]
+            domains = [domain]
+        else:
+            domains = self.storage.children("backups/")
+        for d in domains:
             try:
-                yield d, bid, self.read_manifest(d, bid)
+                check_name("domain name", d)
+                ids = self.storage.children(f"backups/{d}/")
             except InvalidName as e:
-                yield d, bid, CorruptRepository(f"{info.key}: {e}", path=self.path)
-            except NotFound:
-                continue  # removed meanwhile
-            except RepositoryError as e:
-                yield d, bid, e
+                yield d, "", CorruptRepository(f"backups/{d}: {e}", path=self.path)
+                continue
+            except (RepositoryError, PermissionDenied) as e:
+                yield d, "", e
+                continue
+            for bid in ids:
+                try:
+                    yield d, bid, self.read_manifest(d, bid)
+                except InvalidName as e:
+                    yield d, bid, CorruptRepository(f"backups/{d}/{bid}: {e}", path=self.path)
+                except NotFound:
+                    continue  # no manifest: incomplete (or removed meanwhile)
+                except (RepositoryError, PermissionDenied) as e:
+                    yield d, bid, e
+
+    def backups(self, domain: str | None = None) -> Listing:
+        """The committed backups that can be read (oldest first) and those that cannot."""
+        listing = Listing()
+        for d, bid, m in self.scan_backups(domain):
+            if isinstance(m, Manifest):
+                listing.manifests.append(m)
+            else:
+                listing.damaged.append((d, bid, m))
+        listing.manifests.sort(key=Manifest.sort_key)
+        return listing
 
     def list_backups(self, domain: str | None = None) -> list[Manifest]:
         """Committed backups, oldest first; a damaged manifest raises, naming it."""
-        result = []
-        for _d, _bid, m in self.scan_backups(domain):
-            if isinstance(m, RepositoryError):
-                raise m
-            result.append(m)
-        result.sort(key=Manifest.sort_key)
-        return result
+        listing = self.backups(domain)
+        if listing.damaged:
+            raise listing.damaged[0][2]
+        return listing.manifests
 
     def get_manifest(self, domain: str, backup: str) -> Manifest:
+        """One backup by id, or "latest": the newest, which must be readable.
+
+        A damaged backup older than the newest readable one does not matter here.
+        """
         check_name("domain name", domain)
-        if backup == "latest":
-            backups = self.list_backups(domain)
-            if not backups:
-                raise NotFound("backup", f"{domain}/latest", "the domain has no backups")
-            return backups[-1]
-        return self.read_manifest(domain, backup)
+        if backup != "latest":
+            return self.read_manifest(domain, backup)
+        listing = self.backups(domain)
+        newest = listing.manifests[-1] if listing.manifests else None
+        newer = [x for x in listing.damaged if newest is None or x[1] > newest.id]
+        if newer:
+            _d, bid, e = max(newer, key=lambda x: x[1])
+            if not isinstance(e, RepositoryError):
+                raise e
+            raise type(e)(
+                f"the latest backup {domain}/{bid} cannot be read ({e.reason}); give an "
+                f"older backup's id (backupkit list {domain}) or delete it (backupkit "
+                f"delete {domain} {bid})", path=self.path)
+        if newest is None:
+            raise NotFound("backup", f"{domain}/latest", "the domain has no backups")
+        return newest
+
+    def backup_parent(self, domain: str) -> tuple[Manifest | None, str | None]:
+        """The latest backup, if an incremental can start from it, else why not.
+
+        (latest, None); (None, None) when the domain has no backup; (None, reason)
+        when the latest backup cannot be read, an index of it cannot, or it lacks
+        chunks verify quarantined: a backup must then be full, never fail.
+        """
+        try:
+            latest = self.get_manifest(domain, "latest")
+        except NotFound:
+            return None, None
+        except (RepositoryError, PermissionDenied) as e:
+            return None, f"{e.reason if isinstance(e, RepositoryError) else e}"
+        lost = self.lost_chunks()
+        for rec in latest.disks:
+            try:
+                index = self.load_index(latest, rec.name)
+            except (RepositoryError, PermissionDenied) as e:
+                why = e.reason if isinstance(e, RepositoryError) else str(e)
+                return None, f"the latest backup {domain}/{latest.id} is damaged: {why}"
+            n = len(lost.intersection(index.digests())) if lost else 0
+            if n:
+                return None, (f"the latest backup {domain}/{latest.id} lacks {n} chunk(s) "
+                              f"of disk {rec.name} that verify quarantined as damaged")
+        return latest, None
 
     def load_index(self, manifest: Manifest, disk: str) -> Index:
         rec = manifest.disk(disk)
@@ -480,6 +644,31 @@ class Repository:
         self.storage.delete(manifest_key(manifest.domain, manifest.id))
         self.storage.flush()
         self.remove_backup_dir(manifest.domain, manifest.id)
+
+    def delete_backup(self, domain: str, backup_id: str) -> tuple[int, str | None]:
+        """Delete one backup by id, readable or not: (bytes freed, why it was unreadable).
+
+        The manifest goes first, whatever it is (a damaged file, a special file, a
+        directory), so the backup stops existing at once; then everything else in
+        its directory, never following a symlink.  NotFound when there is no
+        backup of that id.  The caller holds the domain lock and the shared lock.
+        """
+        check_name("domain name", domain)
+        check_name("backup id", backup_id)
+        damage: str | None = None
+        try:
+            self.read_manifest(domain, backup_id)
+        except NotFound:
+            if backup_id not in self.storage.children(f"backups/{domain}/"):
+                raise
+            damage = "no manifest: an incomplete backup"
+        except (RepositoryError, PermissionDenied) as e:
+            damage = e.reason if isinstance(e, RepositoryError) else str(e)
+        freed = 0
+        with contextlib.suppress(RepositoryError):  # a directory that is not one: below
+            freed += self.storage.delete_tree(manifest_key(domain, backup_id))
+        freed += self.storage.delete_tree(backup_prefix(domain, backup_id))
+        return freed, damage
 
     def remove_backup_dir(self, domain: str, backup_id: str) -> int:
         """Delete every file under a backup's directory; bytes freed."""

@@ -21,16 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import secrets
 import stat
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
-from backupkit.errors import CorruptRepository, NoSpace, NotFound, OperationFailed
+from backupkit.errors import (
+    CorruptRepository,
+    NoSpace,
+    NotFound,
+    OperationFailed,
+    PermissionDenied,
+    ReadOnly,
+)
 from backupkit.fileio import Buffer, start_writeback
 from backupkit.fileio import syncfs as _syncfs  # a module global: tests replace it
 
@@ -83,8 +91,24 @@ class Storage(Protocol):
         """Temporary objects of interrupted writes under prefix."""
         ...
 
+    def children(self, prefix: str) -> Sequence[str]:
+        """Names directly under prefix ("dir/.../"), sorted, tmp files excluded; [] if none.
+
+        Names only (as an S3 listing with a delimiter gives them): whatever a name
+        is, a reader finds out when it opens it.
+        """
+        ...
+
     def delete(self, key: str) -> bool:
         """Remove key (and now-empty parent directories); False if it did not exist."""
+        ...
+
+    def delete_tree(self, prefix: str) -> int:
+        """Remove everything under prefix, whatever it is (never following a symlink); bytes."""
+        ...
+
+    def move(self, key: str, new_key: str) -> None:
+        """Rename key to new_key, whatever key is; never replaces new_key; durable on return."""
         ...
 
     def replace(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
@@ -125,6 +149,32 @@ def _close_all(fds: dict[tuple[str, ...], int]) -> None:
         _key, fd = fds.popitem()
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _errors(doing: str) -> Callable[[Callable[Concatenate[LocalStorage, str, _P], _R]],
+                                    Callable[Concatenate[LocalStorage, str, _P], _R]]:
+    """Turn the operating system's refusals in an interface method into errors of their kind.
+
+    ENOSPC is NoSpace, EACCES/EPERM PermissionDenied naming the path, EROFS ReadOnly:
+    each one line with its path, never an "internal error".
+    """
+    def wrap(fn: Callable[Concatenate[LocalStorage, str, _P], _R]
+             ) -> Callable[Concatenate[LocalStorage, str, _P], _R]:
+        @functools.wraps(fn)
+        def method(self: LocalStorage, key: str, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return fn(self, key, *args, **kwargs)
+            except OSError as e:
+                err = self.os_error(e, key, doing)
+                if err is e:
+                    raise
+                raise err from e
+        return method
+    return wrap
 
 
 def _split(key: str) -> list[str]:
@@ -260,6 +310,19 @@ class LocalStorage:
     def _corrupt(self, key: str, what: str) -> CorruptRepository:
         return CorruptRepository(f"{key}: {what}", path=self.root)
 
+    def os_error(self, e: OSError, key: str, doing: str) -> BaseException:
+        """The error of its kind for an OSError met while doing something to key (else e)."""
+        path = os.path.join(self.root, key) if key else self.root
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpace(f"no space left on the repository's filesystem ({self.root}) "
+                           f"while {doing} {key or self.root}")
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return PermissionDenied(f"{doing} {key or 'the repository'}: {e.strerror}",
+                                    path=path)
+        if e.errno == errno.EROFS:
+            return ReadOnly(f"{doing} {key or 'the repository'} needs to write", path=self.root)
+        return e
+
     def _open_dir(self, parts: Sequence[str], create: bool) -> int:
         """A descriptor of root/parts, walked without following symlinks (caller closes it)."""
         if self._dir_fds_users and len(parts) == 2 and parts[0] == "chunks":
@@ -363,6 +426,7 @@ class LocalStorage:
 
     # -- the interface -------------------------------------------------------
 
+    @_errors("writing")
     def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer], *,
                       deferred: bool = False) -> bool:
         parts = _split(key)
@@ -443,8 +507,10 @@ class LocalStorage:
         dfd, name = self._open_parent(key)
         try:
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags,
-                             dir_fd=dfd)
+                # O_NONBLOCK: a FIFO (or device) planted here must not block the open;
+                # _read_fd then refuses anything but a regular file.
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                             | flags, dir_fd=dfd)
             except FileNotFoundError as e:
                 raise NotFound("file", key) from e
             except OSError as e:
@@ -494,6 +560,7 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    @_errors("reading")
     def get(self, key: str, max_size: int) -> bytes:
         fd = self._open_file(key)
         try:
@@ -503,6 +570,7 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    @_errors("reading")
     def get_into(self, key: str, buf: ReadBuffer, max_size: int | None = None) -> memoryview:
         limit = len(buf) if max_size is None else min(max_size, len(buf))
         # An mmap's address is page-aligned; its length must be too (aligned_buffer's is),
@@ -518,6 +586,7 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    @_errors("looking up")
     def exists(self, key: str) -> bool:
         if key in self._pending:  # lock-free, as in _open_file
             return True
@@ -530,6 +599,7 @@ class LocalStorage:
         finally:
             os.close(dfd)
 
+    @_errors("looking up")
     def size(self, key: str) -> int:
         with self._lock:
             if key in self._pending:
@@ -546,12 +616,17 @@ class LocalStorage:
     def _walk(self, prefix: str, tmp: bool) -> Iterator[ObjectInfo]:
         parts = _split(prefix.rstrip("/")) if prefix.strip("/") else []
         try:
-            # Never a cached descriptor's dup: scandir moves the offset its dups share.
-            dfd = self._walk_dir(parts, create=False)
-        except FileNotFoundError:
-            return
-        base = "/".join(parts)
-        yield from self._walk_fd(dfd, base, tmp)
+            try:
+                # Never a cached descriptor's dup: scandir moves the offset its dups share.
+                dfd = self._walk_dir(parts, create=False)
+            except FileNotFoundError:
+                return
+            yield from self._walk_fd(dfd, "/".join(parts), tmp)
+        except OSError as e:
+            err = self.os_error(e, prefix, "listing")
+            if err is e:
+                raise
+            raise err from e
 
     def _walk_fd(self, dfd: int, base: str, tmp: bool) -> Iterator[ObjectInfo]:
         try:
@@ -584,6 +659,7 @@ class LocalStorage:
     def leftovers(self, prefix: str = "") -> Iterator[ObjectInfo]:
         return self._walk(prefix, tmp=True)
 
+    @_errors("deleting")
     def delete(self, key: str) -> bool:
         parts = _split(key)
         try:
@@ -618,6 +694,85 @@ class LocalStorage:
             self._mark_dirty("/".join(parts[: depth - 1]))
         return True
 
+    @_errors("listing")
+    def children(self, prefix: str) -> Sequence[str]:
+        parts = _split(prefix.rstrip("/")) if prefix.strip("/") else []
+        try:
+            dfd = self._walk_dir(parts, create=False)
+        except FileNotFoundError:
+            return []
+        try:
+            with os.scandir(dfd) as it:
+                return sorted(e.name for e in it if not e.name.startswith(TMP_PREFIX))
+        finally:
+            os.close(dfd)
+
+    @_errors("deleting")
+    def delete_tree(self, prefix: str) -> int:
+        parts = _split(prefix.rstrip("/"))
+        try:
+            dfd = self._walk_dir(parts[:-1], create=False)
+        except FileNotFoundError:
+            return 0
+        try:
+            freed = self._remove_entry(dfd, parts[-1], parts)
+        finally:
+            os.close(dfd)
+        self._mark_dirty("/".join(parts[:-1]))
+        self.flush()
+        return freed
+
+    def _remove_entry(self, dfd: int, name: str, parts: Sequence[str]) -> int:
+        """Remove dfd/name and, for a directory, everything in it; symlinks are not followed."""
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return 0
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dfd)
+            return st.st_size if stat.S_ISREG(st.st_mode) else 0
+        freed = 0
+        self._forget_dir(parts)
+        sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        try:
+            with os.scandir(sub) as it:
+                names = [e.name for e in it]
+            for n in names:
+                freed += self._remove_entry(sub, n, [*parts, n])
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=dfd)
+        return freed
+
+    @_errors("moving")
+    def move(self, key: str, new_key: str) -> None:
+        src, dst = _split(key), _split(new_key)
+        try:
+            sfd = self._open_dir(src[:-1], create=False)
+        except FileNotFoundError as e:
+            raise NotFound("file", key) from e
+        try:
+            dfd = self._open_dir(dst[:-1], create=True)
+            try:
+                try:
+                    os.stat(dst[-1], dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise OperationFailed(f"cannot move {key}: {new_key} exists")
+                try:
+                    os.rename(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+                except FileNotFoundError as e:
+                    raise NotFound("file", key) from e
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+        self._mark_dirty("/".join(src[:-1]))
+        self._mark_dirty("/".join(dst[:-1]))
+        self.flush()
+
+    @_errors("writing")
     def replace(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         parts = _split(key)
         dfd = self._open_dir(parts[:-1], create=True)
@@ -650,7 +805,13 @@ class LocalStorage:
 
     def flush(self) -> None:
         with self._flush_lock:
-            self._flush_locked()
+            try:
+                self._flush_locked()
+            except OSError as e:
+                err = self.os_error(e, "", "writing")
+                if err is e:
+                    raise
+                raise err from e
 
     def _flush_locked(self) -> None:
         self._check_failed()

@@ -146,7 +146,8 @@ class Bk:
 
     def backup(self, td: rig.TestDomain, *extra: str) -> dict[str, Any]:
         """A backup that must succeed; remembers the reference for later restores."""
-        refs = {d.target: d.snapshot_reference(self.tmp / f"ref-{len(self.refs)}-{d.target}")
+        n = len(list(self.tmp.glob("ref-*")))  # unique even after a backup is deleted
+        refs = {d.target: d.snapshot_reference(self.tmp / f"ref-{n}-{d.target}")
                 for d in td.disks}
         res = self.json("backup", td.name, *extra)
         self.refs[res["id"]] = refs

@@ -222,13 +222,19 @@ def test_flipped_bit_in_a_chunk(case: Case) -> None:
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x10
     victim.write_bytes(bytes(data))
-    line = case.fails(5, "verify", "--data", match="damaged")
+    # verify --data changes one thing: it moves the damaged chunk to quarantine/.
+    cp = case.cli("--json", "verify", "--data")
+    assert cp.returncode == 5, cp.stderr
+    line = one_line_error(case.cli("verify"))
     assert case.t.ids[0] in line or case.t.ids[1] in line
-    doc = json.loads(case.cli("--json", "verify", "--data").stdout)
+    doc = json.loads(cp.stdout)
     assert doc["error"]["report"]["chunks_damaged"] == 1
+    (moved,) = doc["error"]["report"]["chunks_quarantined"]
+    assert moved["chunk"] == victim.name and not victim.exists()
+    assert (case.repo / moved["key"]).read_bytes() == bytes(data)
     for damaged in doc["error"]["report"]["damaged"]:
         case.fails(5, "restore", case.dom, damaged["id"], "--target",
-                   str(case.tmp / f"t-{damaged['id']}"), match="does not match")
+                   str(case.tmp / f"t-{damaged['id']}"), match="quarantined")
 
 
 def test_newer_format_version(case: Case) -> None:
