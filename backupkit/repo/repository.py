@@ -30,7 +30,8 @@ from backupkit.repo import locks
 from backupkit.repo.index import Index, IndexFormatError, Piece
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
-from backupkit.repo.storage import LocalStorage, ReadBuffer, Storage, aligned_buffer
+from backupkit.repo.storage import ReadBuffer, Storage, aligned_buffer
+from backupkit.repo.url import open_storage
 
 _B = TypeVar("_B", bound=Buffer)
 
@@ -97,9 +98,11 @@ class Repository:
     # -- creation ------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str, *, chunk_size: int = 1 << 20,
+    def init(cls, location: str | Storage, *, chunk_size: int = 1 << 20,
              compression_level: int = 1, hash_name: str = DEFAULT_HASH) -> Repository:
-        path = os.path.abspath(path)
+        """Create a repository at location: a path, a URL (backupkit.repo.url) or a Storage."""
+        storage = open_storage(location) if isinstance(location, str) else location
+        path = storage.location
         if hash_name not in HASHES:
             raise UsageError(f"unknown chunk hash {hash_name!r} "
                              f"(choose {' or '.join(sorted(HASHES))})")
@@ -109,17 +112,7 @@ class Repository:
         if not -7 <= compression_level <= 22:
             raise UsageError(f"zstd compression level must be in -7..22, "
                              f"not {compression_level}")
-        if os.path.lexists(path):
-            if not os.path.isdir(path):
-                raise UsageError(f"cannot create a repository at {path}: not a directory")
-            if os.path.lexists(os.path.join(path, CONFIG_KEY)):
-                raise UsageError(f"{path} is already a backupkit repository")
-            if os.listdir(path):
-                raise UsageError(
-                    f"cannot create a repository in {path}: the directory is not empty "
-                    "and is not a repository")
-        else:
-            os.makedirs(path, 0o755)
+        storage.create(CONFIG_KEY)
         config = {
             "format": REPO_FORMAT,
             "version": REPO_VERSION,
@@ -130,23 +123,24 @@ class Repository:
             "compression": "zstd",
             "compression_level": compression_level,
         }
-        storage = LocalStorage(path)
         storage.replace(CONFIG_KEY, json.dumps(config, indent=1).encode() + b"\n")
-        for d in ("chunks", "backups", "locks"):
-            os.mkdir(os.path.join(path, d), 0o755)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if storage.properties.local:
+            for d in ("chunks", "backups", "locks"):
+                os.mkdir(os.path.join(path, d), 0o755)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return cls(path, storage, config)
 
     @classmethod
-    def open(cls, path: str) -> Repository:
-        path = os.path.abspath(path)
-        if not os.path.isdir(path):
+    def open(cls, location: str | Storage) -> Repository:
+        """Open the repository at location: a path, a URL (backupkit.repo.url) or a Storage."""
+        storage = open_storage(location) if isinstance(location, str) else location
+        path = storage.location
+        if storage.properties.local and not os.path.isdir(path):
             raise NotFound("repository", path)
-        storage = LocalStorage(path)
         try:
             raw = storage.get(CONFIG_KEY, CONFIG_MAX)
         except NotFound as e:
@@ -162,16 +156,18 @@ class Repository:
                     ) -> contextlib.AbstractContextManager[None]:
         """Exclusive per-domain lock (backup, prune of that domain)."""
         check_name("domain name", domain)
-        return locks.hold(self.path, f"domain.{domain}.lock", f"domain {domain}", wait=wait)
+        return locks.hold(self.storage.lock_root, f"domain.{domain}.lock", f"domain {domain}",
+                          wait=wait)
 
     def lock_shared(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
         """Repository-wide shared lock: held by backups and prune (excludes gc)."""
-        return locks.hold(self.path, "repository.lock", f"repository {self.path}",
-                          shared=True, wait=wait)
+        return locks.hold(self.storage.lock_root, "repository.lock",
+                          f"repository {self.path}", shared=True, wait=wait)
 
     def lock_exclusive(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
         """Repository-wide exclusive lock: held by gc."""
-        return locks.hold(self.path, "repository.lock", f"repository {self.path}", wait=wait)
+        return locks.hold(self.storage.lock_root, "repository.lock",
+                          f"repository {self.path}", wait=wait)
 
     # -- chunks --------------------------------------------------------------
 
