@@ -101,7 +101,10 @@ class Storage(Protocol):
 
         deferred=True lets the store batch durability: the object may appear
         under its key only at the next flush() (exists() sees it at once in
-        this process).  It never appears before its content is durable.
+        this process).  It never appears before its content is durable.  A store
+        that does not look before it writes (S3) may then answer True for a key
+        that turns out to exist; the first object is kept either way.  Failures of
+        deferred writes are raised by flush().
         """
         ...
 
