@@ -144,6 +144,8 @@ class Repository:
         try:
             raw = storage.get(CONFIG_KEY, CONFIG_MAX)
         except NotFound as e:
+            if getattr(e, "what", "") == "bucket":
+                raise
             raise NotFound("repository", path, "no config.json: not a backupkit repository"
                            ) from e
         except CorruptRepository as e:

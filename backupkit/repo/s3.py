@@ -66,6 +66,24 @@ class S3Settings:
     concurrency: int = 8
 
 
+_sessions: dict[tuple[str | None, str | None], Any] = {}
+_sessions_lock = threading.Lock()
+
+
+def _session(profile: str | None, region: str | None) -> Any:
+    """One boto3 session per (profile, region): its second client costs ~15 ms, not ~300
+    (the service model is loaded once)."""
+    with _sessions_lock:
+        s = _sessions.get((profile, region))
+        if s is None:
+            try:
+                s = boto3.session.Session(profile_name=profile, region_name=region)
+            except botocore.exceptions.ProfileNotFound as e:
+                raise UsageError(f"S3: {e}") from e
+            _sessions[(profile, region)] = s
+        return s
+
+
 def _body(data: Buffer | Sequence[Buffer]) -> bytes:
     """The object's bytes in one piece (a copy: the caller may reuse its buffers)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -99,11 +117,7 @@ class S3Storage:
         self.properties = StoreProperties(
             atomic_create=True, concurrency=settings.concurrency, wants_prefetch_hint=False,
             aligned_reads=False, local=False)
-        try:
-            session = boto3.session.Session(profile_name=settings.profile,
-                                            region_name=settings.region)
-        except botocore.exceptions.ProfileNotFound as e:
-            raise UsageError(f"S3: {e}") from e
+        session = _session(settings.profile, settings.region)
         endpoint = (settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ENDPOINT_URL"))
         style = settings.addressing_style or ("path" if endpoint else None)
@@ -118,8 +132,9 @@ class S3Storage:
             response_checksum_validation="when_required",
         )
         self.endpoint = endpoint
-        self._client: Any = session.client("s3", endpoint_url=settings.endpoint or None,
-                                           config=config)
+        with _sessions_lock:  # a session is not thread-safe
+            self._client: Any = session.client("s3", endpoint_url=settings.endpoint or None,
+                                               config=config)
         self._cond = threading.Condition()
         self._pending: dict[str, int] = {}  # key -> size of deferred uploads not yet done
         self._inflight = 0
@@ -309,6 +324,8 @@ class S3Storage:
             try:
                 resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             except botocore.exceptions.ClientError as e:
+                if _code(e) in _NO_BUCKET_CODES:
+                    raise  # _errors: NotFound("bucket")
                 if _status(e) == 404 or _code(e) in _NOT_FOUND_CODES:
                     raise NotFound("file", key) from e
                 raise

@@ -38,7 +38,9 @@ class MemoryStorage:
         self.name = name
         self._pending: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self._lock_root = tempfile.mkdtemp(prefix="bk-memstore-locks-")
+        # Shared by every instance on the same objects, as a store's locks are.
+        self._lock_root = os.path.join(tempfile.gettempdir(),
+                                       f"bk-memstore-{os.getpid()}-{id(self.objects):x}")
 
     @property
     def location(self) -> str:
