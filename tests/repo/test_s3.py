@@ -174,3 +174,38 @@ def test_deferred_uploads_keep_memory_bounded(
     st.flush()
     assert 0 < peak <= 200_000
     assert len(list(st.list("chunks/"))) == 40
+
+
+def test_cli_errors_on_s3(s3_url: str) -> None:
+    """Missing bucket (init: exit 4), a prefix that is not a repository (exit 4), one
+    that holds something else (init: exit 2), wrong credentials (exit 2): one line each."""
+    from tests.conftest import run_cli
+
+    bucket = parse(s3_url)[1]
+    # The bucket's root is not empty: our prefix holds a repository by then.
+    cases = [
+        (("--repo", "s3://no-such-bucket-bk/x", "init"), {}, 4, "bucket not found"),
+        (("--repo", s3_url, "list"), {}, 4, "not a backupkit repository"),
+        (("--repo", s3_url, "init"), {}, 0, ""),
+        (("--repo", s3_url, "init"), {}, 2, "already a backupkit repository"),
+        (("--repo", f"s3://{bucket}", "init"), {}, 2, "not empty"),
+        (("--repo", s3_url, "list"), {"AWS_SECRET_ACCESS_KEY": "wrong"}, 2, "access denied"),
+    ]
+    for args, env, code, text in cases:
+        cp = run_cli(*args, env=env)
+        assert cp.returncode == code, (args, cp.stderr)
+        if code:
+            assert text in cp.stderr and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
+
+
+def test_locks_of_an_s3_repository_exclude_on_this_host(s3_url: str) -> None:
+    from backupkit.repo import Repository
+
+    Repository.init(s3_url)
+    a, b = Repository.open(s3_url), Repository.open(s3_url)
+    with a.lock_exclusive(), pytest.raises(errors.Busy, match="pid"):
+        b.lock_shared().__enter__()
+    with a.lock_domain("vm1"), pytest.raises(errors.Busy):
+        b.lock_domain("vm1").__enter__()
+    with b.lock_shared(), a.lock_shared():
+        pass
