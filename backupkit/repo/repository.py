@@ -123,7 +123,10 @@ class Repository:
             "compression": "zstd",
             "compression_level": compression_level,
         }
-        storage.replace(CONFIG_KEY, json.dumps(config, indent=1).encode() + b"\n")
+        # Create-if-absent: of two inits racing for one location, one wins.
+        if not storage.put_if_absent(CONFIG_KEY, json.dumps(config, indent=1).encode() + b"\n"):
+            raise UsageError(f"{path} is already a backupkit repository")
+        storage.flush()
         if storage.properties.local:
             for d in ("chunks", "backups", "locks"):
                 os.mkdir(os.path.join(path, d), 0o755)

@@ -282,7 +282,7 @@ class LocalStorage:
                     f"cannot create a repository in {path}: the directory is not empty "
                     "and is not a repository")
         else:
-            os.makedirs(path, 0o755)
+            os.makedirs(path, 0o755, exist_ok=True)  # another init may race us here
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading key's file (readahead), without waiting for it."""

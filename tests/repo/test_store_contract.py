@@ -208,3 +208,24 @@ def test_repository_on_every_store(stores: StoreFactory, tmp_path: Path) -> None
     assert got == data
     with pytest.raises(errors.UsageError, match="already a backupkit repository"):
         Repository.init(stores(), chunk_size=CHUNK)
+
+
+def test_racing_inits_make_one_repository(stores: StoreFactory) -> None:
+    results: list[str] = []
+    start = threading.Barrier(4)
+
+    def init() -> None:
+        start.wait()
+        try:
+            results.append(Repository.init(stores(), chunk_size=CHUNK).config["id"])
+        except errors.UsageError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=init) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if r != "refused"]
+    assert len(winners) == 1
+    assert Repository.open(stores()).config["id"] == winners[0]
