@@ -121,8 +121,17 @@ class S3Storage:
         endpoint = (settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ENDPOINT_URL"))
         style = settings.addressing_style or ("path" if endpoint else None)
+        # botocore's standard retry mode (backoff with jitter on throttling, 5xx and
+        # dropped connections); $AWS_RETRY_MODE and $AWS_MAX_ATTEMPTS still apply.  Ten
+        # attempts ride out a gateway restart (3-5 s for Ceph RGW here); an endpoint
+        # that stays unreachable fails after about 20 s.
+        retries: dict[str, Any] = {}
+        if not os.environ.get("AWS_RETRY_MODE"):
+            retries["mode"] = "standard"
+        if not os.environ.get("AWS_MAX_ATTEMPTS"):
+            retries["max_attempts"] = settings.max_attempts
         config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": settings.max_attempts},
+            retries=retries,
             max_pool_connections=settings.concurrency + 2,
             connect_timeout=10, read_timeout=120,
             s3={"addressing_style": style} if style else None,
