@@ -30,9 +30,16 @@ ENDPOINT=http://127.0.0.1:$RGW_PORT
 
 say() { echo "start-s3: $*" >&2; }
 
-alive() { # alive NAME: the daemon whose pid file is $RUN/NAME.pid runs
+# One start or stop at a time (several worktrees may run their tests at once).
+mkdir -p "$RUN"
+exec 9>"$RUN/.lock"
+flock 9
+
+alive() { # alive NAME: the daemon whose pid file is $RUN/NAME.pid runs (and is ours:
+  # after a reboot a stale pid file may name an unrelated process)
   local f=$RUN/$1.pid
-  [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+  [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null &&
+    tr '\0' ' ' <"/proc/$(cat "$f")/cmdline" 2>/dev/null | grep -q -- "-c $CONF"
 }
 
 stop_one() { # stop_one NAME: SIGTERM, then SIGKILL after 15 s
