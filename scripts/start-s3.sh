@@ -135,7 +135,8 @@ ceph_() { timeout 30 ceph -c "$CONF" "$@"; }
 start_daemon() { # start_daemon NAME COMMAND...: run in the background, record its pid
   local name=$1; shift
   alive "$name" && return 0
-  setsid "$@" -f -c "$CONF" >>"$STATE/log/$name.out" 2>&1 </dev/null &
+  # 9>&-: the daemon must not inherit (and so hold forever) this script's lock.
+  setsid "$@" -f -c "$CONF" >>"$STATE/log/$name.out" 2>&1 </dev/null 9>&- &
   echo $! >"$RUN/$name.pid"
 }
 
