@@ -52,8 +52,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--config", metavar="PATH",
                    help="TOML config (default $BACKUPKIT_CONFIG, else "
                         "/etc/backupkit/backupkit.toml)")
-    p.add_argument("--repo", metavar="PATH",
-                   help="repository (default: config 'repository', else $BACKUPKIT_REPO)")
+    p.add_argument("--repo", metavar="PATH|URL",
+                   help="repository: a directory, file:///PATH or s3://BUCKET/PREFIX "
+                        "(default: config 'repository', else $BACKUPKIT_REPO)")
     p.add_argument("--connect", metavar="URI", help="libvirt URI (default qemu:///system)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON document on stdout; logs go to stderr")
@@ -210,8 +211,9 @@ def _repo_path(args: argparse.Namespace, cfg: config.Config, domain: str | None 
 
 def _open_repo(args: argparse.Namespace, cfg: config.Config, domain: str | None = None) -> Any:
     from backupkit.repo import Repository
+    from backupkit.repo.url import open_storage
 
-    return Repository.open(_repo_path(args, cfg, domain))
+    return Repository.open(open_storage(_repo_path(args, cfg, domain), cfg))
 
 
 def _uri(args: argparse.Namespace, cfg: config.Config) -> str:
@@ -228,11 +230,13 @@ def _lock_wait(args: argparse.Namespace, cfg: config.Config) -> float:
 
 def cmd_init(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.repo import Repository
+    from backupkit.repo.url import open_storage
 
     path = _repo_path(args, cfg)
     # "is None", not "or": --chunk-size 0 is an error, never the default.
     repo = Repository.init(
-        path, chunk_size=cfg.chunk_size if args.chunk_size is None else args.chunk_size,
+        open_storage(path, cfg),
+        chunk_size=cfg.chunk_size if args.chunk_size is None else args.chunk_size,
         compression_level=(cfg.backup.compression_level if args.compression_level is None
                            else args.compression_level),
         hash_name=args.hash)

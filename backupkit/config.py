@@ -51,6 +51,10 @@ class Config:
     keep_yearly: int = 0
     verify_data: bool = False
     metrics_textfile: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_profile: str | None = None
+    s3_addressing_style: str | None = None
 
     def for_domain(self, name: str) -> DomainSettings:
         """The backup settings for one domain, its overrides applied."""
@@ -84,9 +88,18 @@ _VERIFY: dict[str, tuple[tuple[type, ...], str]] = {"data": ((bool,), "re-read e
 _METRICS: dict[str, tuple[tuple[type, ...], str]] = {
     "textfile": ((str,), "Prometheus textfile path"),
 }
+# s3:// repositories; each key overrides the AWS setting of the same meaning.
+_S3: dict[str, tuple[tuple[type, ...], str]] = {
+    "endpoint": ((str,), "S3 endpoint URL (else $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL)"),
+    "region": ((str,), "S3 region (else $AWS_DEFAULT_REGION, ~/.aws/config)"),
+    "profile": ((str,), "profile in ~/.aws/credentials and ~/.aws/config"),
+    "addressing_style": ((str,), "path, virtual or auto (default: path with an endpoint)"),
+}
 TABLES: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "": _TOP, "backup": _BACKUP, "prune": _PRUNE, "verify": _VERIFY, "metrics": _METRICS,
+    "s3": _S3,
 }
+ADDRESSING_STYLES = ("path", "virtual", "auto")
 # Keys accepted inside [domains.NAME].
 DOMAIN_KEYS = _BACKUP
 
@@ -149,15 +162,19 @@ def parse(doc: dict[str, Any], path: str) -> Config:
                     raise ConfigError(f"domains.{dom} must be a table", path)
                 domains[dom] = _domain_settings(path, f"domains.{dom}", dt)
             kw["domains"] = domains
-        elif name in ("prune", "verify", "metrics"):
+        elif name in ("prune", "verify", "metrics", "s3"):
             _check(path, name, t, TABLES[name])
             for key, value in t.items():
-                kw[{"verify": "verify_", "metrics": "metrics_"}.get(name, "") + key] = value
+                kw[{"verify": "verify_", "metrics": "metrics_", "s3": "s3_"}.get(name, "")
+                   + key] = value
         else:
             raise ConfigError(f"unknown table [{name}]", path)
     for key in _PRUNE:
         if kw.get(key, 0) < 0:
             raise ConfigError(f"prune.{key} must not be negative", path)
+    if kw.get("s3_addressing_style", "path") not in ADDRESSING_STYLES:
+        raise ConfigError(f"s3.addressing_style must be one of {', '.join(ADDRESSING_STYLES)}",
+                          path)
     cs = kw.get("chunk_size", 1 << 20)
     if cs & (cs - 1) or not (64 << 10) <= cs <= (16 << 20):
         raise ConfigError("chunk_size must be a power of two between 64 KiB and 16 MiB", path)

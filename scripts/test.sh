@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/start-s3.sh
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" >&2
 ruff check backupkit tests bench scripts

@@ -122,3 +122,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
     if check and cp.returncode != 0:
         raise AssertionError(f"backupkit {' '.join(args)} exit {cp.returncode}: {cp.stderr}")
     return cp
+
+
+@pytest.fixture
+def s3_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """s3://BUCKET/PREFIX on the real test gateway (scripts/start-s3.sh), empty, removed
+    afterwards; skipped when the gateway is down, a failure under CI=true."""
+    from tests.s3rig import s3_location
+
+    with s3_location(monkeypatch) as url:
+        yield url

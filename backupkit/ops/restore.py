@@ -36,7 +36,6 @@ from backupkit.qcow2 import Qcow2Writer
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
 from backupkit.repo.repository import chunk_key
-from backupkit.repo.storage import LocalStorage
 
 log = logging.getLogger("backupkit.restore")
 
@@ -127,20 +126,9 @@ def _find(view: memoryview, sub: bytes) -> int:
 
 
 def _prefetch(repo: Repository, digest: bytes) -> None:
-    """Ask the kernel to start reading a chunk file (readahead), without waiting for it."""
-    storage = repo.storage
-    if not isinstance(storage, LocalStorage):
-        return
-    try:
-        fd = storage._open_file(chunk_key(digest))
-    except (OSError, NotFound, CorruptRepository):
-        return  # the worker reading it reports the problem
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Hint the store that a chunk is read soon (readahead where that helps)."""
+    if repo.storage.properties.wants_prefetch_hint:
+        repo.storage.prefetch(chunk_key(digest))
 
 
 def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],

@@ -34,6 +34,7 @@ from backupkit.repo.index import Index, IndexFormatError, Piece
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
 from backupkit.repo.storage import LocalStorage, ReadBuffer, Storage, aligned_buffer
+from backupkit.repo.url import open_storage
 
 _B = TypeVar("_B", bound=Buffer)
 
@@ -63,7 +64,6 @@ INDEX_SUFFIX = ".index"
 #: that deduplication no longer trusts them and the next backup stores the data afresh.
 QUARANTINE = "quarantine"
 #: Directories a new filesystem has in its root, which init may create a repository beside.
-_FS_ROOT_DIRS = ("lost+found",)
 
 
 class ChunkMissing(CorruptRepository):
@@ -120,20 +120,24 @@ class Repository:
     # -- creation ------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str, *, chunk_size: int = 1 << 20,
+    def init(cls, location: str | Storage, *, chunk_size: int = 1 << 20,
              compression_level: int = 1, hash_name: str = DEFAULT_HASH) -> Repository:
-        path = os.path.abspath(path)
+        """Create a repository at location: a path, a URL (backupkit.repo.url) or a Storage."""
+        storage = open_storage(location) if isinstance(location, str) else location
         try:
-            return cls._init(path, chunk_size, compression_level, hash_name)
+            return cls._init(storage, chunk_size, compression_level, hash_name)
         except OSError as e:  # a read-only or forbidden place: say so, naming it
-            err = LocalStorage(path).os_error(e, "", "creating")
+            if not isinstance(storage, LocalStorage):
+                raise
+            err = storage.os_error(e, "", "creating")
             if err is e:
                 raise
             raise err from e
 
     @classmethod
-    def _init(cls, path: str, chunk_size: int, compression_level: int, hash_name: str
+    def _init(cls, storage: Storage, chunk_size: int, compression_level: int, hash_name: str
               ) -> Repository:
+        path = storage.location
         if hash_name not in HASHES:
             raise UsageError(f"unknown chunk hash {hash_name!r} "
                              f"(choose {' or '.join(sorted(HASHES))})")
@@ -144,19 +148,7 @@ class Repository:
             # zstd reads 0 as "its default" (3): recording 0 would hide the level in use.
             raise UsageError(f"zstd compression level must be in -7..-1 or 1..22 "
                              f"(0 would mean zstd's default, 3), not {compression_level}")
-        if os.path.lexists(path):
-            if not os.path.isdir(path):
-                raise UsageError(f"cannot create a repository at {path}: not a directory")
-            if os.path.lexists(os.path.join(path, CONFIG_KEY)):
-                raise UsageError(f"{path} is already a backupkit repository")
-            if [n for n in os.listdir(path) if not (
-                    n in _FS_ROOT_DIRS and os.path.isdir(os.path.join(path, n))
-                    and not os.path.islink(os.path.join(path, n)))]:
-                raise UsageError(
-                    f"cannot create a repository in {path}: the directory is not empty "
-                    "and is not a repository")
-        else:
-            os.makedirs(path, 0o755)
+        storage.create(CONFIG_KEY)
         config = {
             "format": REPO_FORMAT,
             "version": REPO_VERSION,
@@ -167,26 +159,32 @@ class Repository:
             "compression": "zstd",
             "compression_level": compression_level,
         }
-        storage = LocalStorage(path)
-        storage.replace(CONFIG_KEY, json.dumps(config, indent=1).encode() + b"\n")
-        for d in ("chunks", "backups", "locks"):
-            os.mkdir(os.path.join(path, d), 0o755)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # Create-if-absent: of two inits racing for one location, one wins.
+        if not storage.put_if_absent(CONFIG_KEY, json.dumps(config, indent=1).encode() + b"\n"):
+            raise UsageError(f"{path} is already a backupkit repository")
+        storage.flush()
+        if storage.properties.local:
+            for d in ("chunks", "backups", "locks"):
+                os.mkdir(os.path.join(path, d), 0o755)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return cls(path, storage, config)
 
     @classmethod
-    def open(cls, path: str) -> Repository:
-        path = os.path.abspath(path)
-        if not os.path.isdir(path):
+    def open(cls, location: str | Storage) -> Repository:
+        """Open the repository at location: a path, a URL (backupkit.repo.url) or a Storage."""
+        storage = open_storage(location) if isinstance(location, str) else location
+        path = storage.location
+        if storage.properties.local and not os.path.isdir(path):
             raise NotFound("repository", path)
-        storage = LocalStorage(path)
         try:
             raw = storage.get(CONFIG_KEY, CONFIG_MAX)
         except NotFound as e:
+            if getattr(e, "what", "") == "bucket":
+                raise
             raise NotFound("repository", path, "no config.json: not a backupkit repository"
                            ) from e
         except CorruptRepository as e:
@@ -199,16 +197,18 @@ class Repository:
                     ) -> contextlib.AbstractContextManager[None]:
         """Exclusive per-domain lock (backup, prune of that domain)."""
         check_name("domain name", domain)
-        return locks.hold(self.path, f"domain.{domain}.lock", f"domain {domain}", wait=wait)
+        return locks.hold(self.storage.lock_root, f"domain.{domain}.lock", f"domain {domain}",
+                          wait=wait)
 
     def lock_shared(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
         """Repository-wide shared lock: held by backups and prune (excludes gc)."""
-        return locks.hold(self.path, "repository.lock", f"repository {self.path}",
-                          shared=True, wait=wait)
+        return locks.hold(self.storage.lock_root, "repository.lock",
+                          f"repository {self.path}", shared=True, wait=wait)
 
     def lock_exclusive(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
         """Repository-wide exclusive lock: held by gc."""
-        return locks.hold(self.path, "repository.lock", f"repository {self.path}", wait=wait)
+        return locks.hold(self.storage.lock_root, "repository.lock",
+                          f"repository {self.path}", wait=wait)
 
     # -- chunks --------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from backupkit.errors import (
     OperationFailed,
     PermissionDenied,
     ReadOnly,
+    UsageError,
 )
 from backupkit.fileio import Buffer, start_writeback
 from backupkit.fileio import syncfs as _syncfs  # a module global: tests replace it
@@ -54,14 +55,65 @@ class ObjectInfo(NamedTuple):
     size: int
 
 
+class StoreProperties(NamedTuple):
+    """What a store can do, so callers ask instead of testing its type (cf. restic's
+    backend Properties)."""
+
+    #: put_if_absent is atomic against other writers, in other processes and on other
+    #: hosts too (local: link(2) of a complete file; S3: If-None-Match: * on one PUT).
+    atomic_create: bool
+    #: Parallel requests the store serves well (worker threads, connection pool size).
+    concurrency: int
+    #: prefetch(key) before a read pays off (the kernel reads ahead into its page cache).
+    wants_prefetch_hint: bool
+    #: get_into() into an aligned_buffer() reads past the page cache (O_DIRECT); other
+    #: stores read into any buffer the same way.
+    aligned_reads: bool
+    #: The data sits on this host's filesystem (flock(2) locks in it protect it).
+    local: bool
+
+
 class Storage(Protocol):
+    #: What the store can do (a class or instance attribute).
+    properties: StoreProperties
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: a path or a URL such as s3://bucket/prefix."""
+        ...
+
+    @property
+    def lock_root(self) -> str:
+        """A local directory whose locks/ holds the repository's flock(2) lock files.
+
+        The repository itself for a local store.  For a remote store a directory on
+        this host named after its URL: those locks exclude only processes on this host
+        (locks across hosts: issue 18, part 3).
+        """
+        ...
+
+    def create(self, marker: str) -> None:
+        """Get an empty location ready for a new repository (whose first object is marker).
+
+        UsageError if it holds marker (already a repository) or anything else;
+        NotFound if what holds it (an S3 bucket) does not exist.
+        """
+        ...
+
+    def prefetch(self, key: str) -> None:
+        """A hint that key will be read soon (no-op where it does not help; never raises)."""
+        ...
+
     def put_if_absent(self, key: str, data: Buffer | Sequence[Buffer], *,
                       deferred: bool = False) -> bool:
         """Store data under key unless key exists; True if it was written.
 
         deferred=True lets the store batch durability: the object may appear
         under its key only at the next flush() (exists() sees it at once in
-        this process).  It never appears before its content is durable.
+        this process).  It never appears before its content is durable.  A store
+        that does not look before it writes (S3) may then answer True for a key
+        that turns out to exist; the first object is kept either way.  Failures of
+        deferred writes are raised by flush().
         """
         ...
 
@@ -198,8 +250,15 @@ def _write_all(fd: int, bufs: Sequence[Buffer]) -> None:
                 n = 0
 
 
+# What the root of a new filesystem holds: a repository may be created there.
+_FS_ROOT_DIRS = ("lost+found",)
+
+
 class LocalStorage:
     """Storage in a local directory (see the module docstring)."""
+
+    properties = StoreProperties(atomic_create=True, concurrency=4, wants_prefetch_hint=True,
+                                 aligned_reads=True, local=True)
 
     #: Publish deferred objects once this many bytes are waiting.  Each publish is two
     #: syncfs(2) calls, and each makes the disk flush its cache, which stalls the reads
@@ -257,6 +316,43 @@ class LocalStorage:
         # coherent with cached writes (the kernel writes dirty pages back first).
         # False once a filesystem refused O_DIRECT (EINVAL): then reads use the cache.
         self.direct_reads = bool(_O_DIRECT)
+
+    @property
+    def location(self) -> str:
+        return self.root
+
+    @property
+    def lock_root(self) -> str:
+        return self.root
+
+    def create(self, marker: str) -> None:
+        path = self.root
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                raise UsageError(f"cannot create a repository at {path}: not a directory")
+            if os.path.lexists(os.path.join(path, marker)):
+                raise UsageError(f"{path} is already a backupkit repository")
+            if [n for n in os.listdir(path) if not (
+                    n in _FS_ROOT_DIRS and os.path.isdir(os.path.join(path, n))
+                    and not os.path.islink(os.path.join(path, n)))]:
+                raise UsageError(
+                    f"cannot create a repository in {path}: the directory is not empty "
+                    "and is not a repository")
+        else:
+            os.makedirs(path, 0o755, exist_ok=True)  # another init may race us here
+
+    def prefetch(self, key: str) -> None:
+        """Ask the kernel to start reading key's file (readahead), without waiting for it."""
+        try:
+            fd = self._open_file(key)
+        except (OSError, NotFound, CorruptRepository):
+            return  # the reader reports the problem
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _acquire_sync_fd(self) -> int:
         """The batch's descriptor, opened if needed; pair with _release_sync_fd."""
