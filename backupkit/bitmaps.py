@@ -310,10 +310,11 @@ def plan_post_merge(layers: Sequence[qemu.ImageInfo]) -> tuple[list[Action], lis
     """After committing layers[0] (TOP) into layers[-1] (BASE): (actions, lost).
 
     * Leftovers of an interrupted carry (``TMP_PREFIX``) are removed first.
-    * A bitmap TOP holds that is not usable over TOP..BASE (in-use anywhere,
-      in BASE too after a commit that ran out of space, or a hole) is lost:
-      every copy is removed, TOP's first.  Other in-use copies in BASE are
-      removed as well (they only take space).
+    * A bitmap TOP holds is lost when BASE's copy is in-use (a commit that ran
+      out of space), or when BASE has none and it is not usable from TOP
+      (in-use, or a hole, in the layers above BASE): every copy is removed,
+      TOP's first.  Other in-use copies in BASE are removed as well (they
+      only take space).
     * Every bitmap usable from TOP whose run of layers does not reach BASE is
       carried: added to BASE with TOP's granularity and recording state, its
       bits merged in, in one qemu-img run (``Action.source``).  A run over
@@ -333,7 +334,7 @@ def plan_post_merge(layers: Sequence[qemu.ImageInfo]) -> tuple[list[Action], lis
     base = layers[-1]
     top = layers[0]
     upper = layers[:-1]
-    usable = usable_names(layers)
+    usable = usable_names(upper)
     actions: list[Action] = []
     lost: list[Problem] = []
     for b in sorted(base.bitmaps, key=lambda b: b.name):
@@ -341,9 +342,12 @@ def plan_post_merge(layers: Sequence[qemu.ImageInfo]) -> tuple[list[Action], lis
             actions.append(Action("remove", base.filename, base.format, b.name,
                                   "leftover of an interrupted post-merge"))
     for b in sorted(top.bitmaps, key=lambda b: b.name):
-        if b.name in usable:
-            continue
-        why = why_broken(layers, b.name)
+        kept = base.bitmap(b.name)
+        if kept is not None and not kept.in_use:
+            continue  # BASE's copy recorded the commit's writes: complete
+        if kept is None and b.name in usable:
+            continue  # carried below
+        why = why_broken(upper if kept is None else layers, b.name)
         lost.append(Problem(LOST, top.filename, b.name, why))
         actions += _remove_everywhere(layers, b.name, f"broken: {why}")
     for b in sorted(base.bitmaps, key=lambda b: b.name):
@@ -351,8 +355,8 @@ def plan_post_merge(layers: Sequence[qemu.ImageInfo]) -> tuple[list[Action], lis
             actions.append(Action("remove", base.filename, base.format, b.name,
                                   "in-use in base: contents cannot be trusted"))
     for name, depth in sorted(usable.items()):
-        if depth == len(layers):
-            continue  # already in BASE, complete
+        if base.bitmap(name) is not None:
+            continue  # kept, or lost above
         t = top.bitmap(name)
         assert t is not None
         if not base.stores_bitmaps:
@@ -605,8 +609,13 @@ def verify(expected: dict[str, dict[str, qemu.Bitmap]],
 # Every block-device figure is exactly (new clusters - free clusters inside
 # the image): e.g. 8 dirty bitmaps of 1 GiB write 8 tables + 8 data clusters
 # + 1 directory = 17 clusters, 9 of which were free inside the image.  On a
-# file, ext4 needed up to 2 clusters + 3 KiB more than that.  ``store_need``
-# gives that prediction; nothing above is a safety factor.
+# file, ext4 needed up to 2 clusters + 3 KiB more than that.  On tmpfs a
+# domain's shutdown stored 2 dirty bitmaps of a 16 MiB disk (5 new clusters,
+# none free inside) with 196,608 bytes free and lost both with 131,072: a
+# file's filesystem allocates only the pages written (2 data clusters + a
+# page per table and for the directory = 143,360).  ``store_need`` gives the
+# prediction and, with ``low``, the least QEMU can need; nothing is a safety
+# factor.
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -644,19 +653,40 @@ def store_clusters(virtual_size: int, cluster_size: int,
 # Measured extra for an image in a file on ext4 (above): clusters + bytes.
 FILE_EXTRA_CLUSTERS = 2
 FILE_EXTRA_BYTES = 4096
+# A file's filesystem allocates what QEMU writes, page by page: a table or a
+# directory smaller than a cluster costs one page, not one cluster.
+PAGE = 4096
 
 
 def store_need(virtual_size: int, cluster_size: int,
                bitmaps: Sequence[tuple[str, int, int | None]], *, free_inside: int,
                is_file: bool, low: bool = False) -> int:
-    """Bytes of free space (past the image's end, or on the file's filesystem) QEMU needs."""
-    clusters = store_clusters(virtual_size, cluster_size, bitmaps, low=low)
-    if clusters == 0:
+    """Bytes of free space (past the image's end, or on the file's filesystem) QEMU needs.
+
+    Default: the prediction from the measurements above (every data cluster
+    that may hold a set bit; on a file the ext4 extra).  ``low``: the least
+    QEMU can need (dirty bits packed; on a file only the pages it writes, and
+    every free cluster inside reused without a new page), below which storing
+    certainly fails.
+    """
+    if not bitmaps:
         return 0
-    past = max(0, clusters - free_inside)
-    if is_file and not low:
-        return (past + FILE_EXTRA_CLUSTERS) * cluster_size + FILE_EXTRA_BYTES
-    return past * cluster_size
+    if not (low and is_file):
+        clusters = store_clusters(virtual_size, cluster_size, bitmaps, low=low)
+        past = max(0, clusters - free_inside)
+        if is_file:
+            return (past + FILE_EXTRA_CLUSTERS) * cluster_size + FILE_EXTRA_BYTES
+        return past * cluster_size
+    written = 0
+    directory = 0
+    for name, granularity, count in bitmaps:
+        bits = -(-virtual_size // granularity)
+        data_clusters = -(-bits // (8 * cluster_size))
+        dirty = 0 if count is None else -(-(-(-count // granularity)) // (8 * cluster_size))
+        written += _round_up(data_clusters * 8, PAGE) + dirty * cluster_size
+        directory += _round_up(24 + len(name.encode()), 8)
+    written += _round_up(directory, PAGE)
+    return max(0, written - free_inside * cluster_size)
 
 
 def free_clusters_inside(path: str) -> int:
