@@ -682,7 +682,8 @@ def store_need(virtual_size: int, cluster_size: int,
     for name, granularity, count in bitmaps:
         bits = -(-virtual_size // granularity)
         data_clusters = -(-bits // (8 * cluster_size))
-        dirty = 0 if count is None else -(-(-(-count // granularity)) // (8 * cluster_size))
+        dirty_bits = 0 if count is None else -(-count // granularity)
+        dirty = -(-dirty_bits // (8 * cluster_size))
         written += _round_up(data_clusters * 8, PAGE) + dirty * cluster_size
         directory += _round_up(24 + len(name.encode()), 8)
     written += _round_up(directory, PAGE)
