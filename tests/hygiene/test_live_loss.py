@@ -199,3 +199,81 @@ def test_live_post_merge_prediction_on_a_fixed_size_volume(
     kept = "cp" in on_disk and "in-use" not in on_disk["cp"]["flags"]
     assert kept != lost, (written, space, on_disk)
     assert kept == (written == 118)
+
+
+def hook(*args: str, env: dict[str, str] | None = None) -> Any:
+    from tests.conftest import run_cli
+
+    return run_cli("--connect", rig.URI, "--json", "hygiene", *args, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_live_pre_merge_killed_at_each_step_then_rerun(
+        make_domain: MakeDomain, tmp_path: Path, libvirt_conn: Any, step: int) -> None:
+    """Kill the live pre-merge before its N-th removal; the rerun finishes the job:
+    the broken checkpoint is gone with every copy, the stale bitmaps are gone, the
+    sound checkpoint is untouched."""
+    import signal
+
+    td = make_domain([("qcow2", 16 * MiB)], running=False)
+    base = str(tmp_path / "base.qcow2")
+    top = overlay_on(td, base, 16 * MiB)
+    add(base, "stale-a")
+    add(base, "stale-b")
+    add(top, "bad")
+    make_in_use(top)
+    td.start()
+    redefine_checkpoint(td, "bad")
+    make_checkpoint(td, "good")
+    args = ("pre-merge", "--top", top, "--base", base, "--domain", td.name, "--disk", "vda")
+    cp = hook(*args, env={"BACKUPKIT_FAULT_POINT": f"hygiene_step_{step}"})
+    assert cp.returncode == -signal.SIGKILL, cp.stderr
+    cp = hook(*args)
+    assert cp.returncode in (0, EXIT_INTEGRITY), cp.stderr
+    if step == 1:  # nothing was done before the kill: this run finds the loss
+        assert cp.returncode == EXIT_INTEGRITY and "bad" in cp.stderr
+    assert checkpoints(td) == ["good"]
+    from backupkit import virt
+
+    live = virt.connect(rig.URI).domain(td.name).block_bitmaps()
+    assert {b["name"] for b in live[top]} == {"good"}
+    assert live.get(base, []) == []
+    assert hook(*args).returncode == 0
+
+
+def test_live_post_merge_killed_between_deletions_then_rerun(
+        make_domain: MakeDomain, tmp_path: Path, libvirt_conn: Any) -> None:
+    """Two checkpoints lost their bitmap (removed behind libvirt's back); kill the live
+    post-merge after the first deletion: the rerun deletes the second, exit 5 both times
+    it finds one, never 0 while a checkpoint without its bitmap is left."""
+    import signal
+
+    from backupkit import virt
+
+    td = make_domain([("qcow2", 16 * MiB)], running=False)
+    base = str(tmp_path / "base.qcow2")
+    top = overlay_on(td, base, 16 * MiB)
+    td.start()
+    for name in ("a", "b", "c"):
+        make_checkpoint(td, name)
+    blockcommit(td, base)
+    vdom = virt.connect(rig.URI).domain(td.name)
+    node = next(n["node-name"] for n in hygiene.block_nodes(vdom)
+                if n["drv"] == "qcow2" and n["file"] == base)
+    for name in ("a", "b"):
+        hygiene.remove_bitmap_qmp(vdom, node, name)
+    args = ("post-merge", "--top", top, "--base", base, "--domain", td.name, "--disk", "vda")
+    cp = hook(*args, env={"BACKUPKIT_FAULT_POINT": "hygiene_step_2"})
+    assert cp.returncode == -signal.SIGKILL, cp.stderr
+    assert checkpoints(td) == ["b", "c"]
+    cp = hook(*args)
+    assert cp.returncode == EXIT_INTEGRITY, cp.stderr
+    assert "b" in json_error(cp)["message"]
+    assert checkpoints(td) == ["c"]
+    assert hook(*args).returncode == 0
+
+
+def json_error(cp: Any) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads(cp.stdout)["error"])
