@@ -516,10 +516,13 @@ def live_chain(dom: Domain, disk: Disk) -> list[LiveLayer]:
                         bool(b.get("recording", False)), bool(b.get("inconsistent", False)))
             for b in node.get("dirty-bitmaps", []) if b.get("persistent", True))
         counts = {b["name"]: int(b.get("count", 0)) for b in node.get("dirty-bitmaps", [])}
+        fs = image.get("format-specific") or {}
+        compat = fs.get("data", {}).get("compat") if fs.get("type") == "qcow2" else None
         info = qemu.ImageInfo(filename=node.get("file", ""), format=node.get("drv", ""),
                               virtual_size=int(image.get("virtual-size", 0)), actual_size=0,
                               backing_filename=image.get("full-backing-filename")
-                              or node.get("backing_file"), bitmaps=bitmaps)
+                              or node.get("backing_file"), bitmaps=bitmaps, compat=compat,
+                              cluster_size=int(image.get("cluster-size", 65536)))
         file_node = ""
         for n in nodes:  # the protocol node under this format node: same file, file driver
             if n.get("drv") in ("file", "host_device") and n.get("file") == info.filename:

@@ -277,3 +277,24 @@ def json_error(cp: Any) -> dict[str, Any]:
     import json
 
     return dict(json.loads(cp.stdout)["error"])
+
+
+def test_live_pre_merge_over_a_raw_base_says_the_loss_before_the_merge(
+        make_domain: MakeDomain, tmp_path: Path, libvirt_conn: Any) -> None:
+    """Item 7 (live): a raw BASE cannot store bitmaps; pre-merge says so (exit 5), changes
+    nothing and deletes no checkpoint (the merge has not happened yet)."""
+    from tests.hygiene.helpers import must
+
+    td = make_domain([("qcow2", 16 * MiB)], running=False)
+    base = str(tmp_path / "base.raw")
+    must("qemu-img", "create", "-q", "-f", "raw", base, str(16 * MiB))
+    top = str(td.disk("vda").path)
+    os.unlink(top)
+    must("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top)
+    td.start()
+    make_checkpoint(td, "cp")
+    with pytest.raises(BitmapLost) as e:
+        hygiene.pre_merge(top, base, domain=td.name, disk="vda", connect=rig.URI)
+    assert "raw image, which cannot store bitmaps" in str(e.value)
+    assert "will be lost" in str(e.value)
+    assert e.value.report["removed"] == [] and checkpoints(td) == ["cp"]
