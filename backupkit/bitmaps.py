@@ -494,15 +494,19 @@ def apply(actions: Sequence[Action], *, runner: proc.Runner | None = None
 
     A failed add or merge stops the work on that bitmap name in that image
     (merging into a bitmap that was not created makes no sense), and so does
-    a failed step of a carry through ``TMP_PREFIX``; the caller verifies the
-    images afterwards, whatever happened here.  Fault point ``hygiene_step_N``
+    a failed step of a carry through ``TMP_PREFIX``: the steps not run are
+    returned as failed with the same error.  The caller verifies the images
+    afterwards, whatever happened here.  Fault point ``hygiene_step_N``
     fires before the N-th action (1-based; tests kill the run there).
     """
     failed: list[tuple[Action, CommandFailed]] = []
-    skip: set[tuple[str, str]] = set()
+    skip: dict[tuple[str, str], CommandFailed] = {}
     for i, a in enumerate(actions, start=1):
         faults.point(f"hygiene_step_{i}")
-        if (a.image, a.name) in skip or (a.image, a.source_name or "") in skip:
+        cause = skip.get((a.image, a.name)) or skip.get((a.image, a.source_name or ""))
+        if cause is not None:
+            failed.append((a, cause))  # not run: a step it depends on failed
+            skip[(a.image, a.name)] = cause
             continue
         log.info("%s bitmap %s in %s (%s)", a.op, a.name, a.image, a.reason)
         try:
@@ -522,7 +526,7 @@ def apply(actions: Sequence[Action], *, runner: proc.Runner | None = None
             _raise_if_locked(e, a.image)
             log.error("%s bitmap %s in %s failed: %s", a.op, a.name, a.image, e)
             failed.append((a, e))
-            skip.add((a.image, a.name))
+            skip[(a.image, a.name)] = e
     return failed
 
 

@@ -204,7 +204,7 @@ def test_failed_add_skips_its_merge_and_is_reported() -> None:
     acts = [bm.Action("add", "base", "qcow2", "n", "r", granularity=65536),
             bm.Action("merge", "base", "qcow2", "n", "r", source="top", source_fmt="qcow2")]
     failed = bm.apply(acts, runner=fake)
-    assert [a.op for a, _ in failed] == ["add"]
+    assert [a.op for a, _ in failed] == ["add", "merge"]  # the merge was not run
     assert not any("--merge" in c for c in fake.calls)
     # Nothing held before went missing: the failure is exit 1, not a loss.
     with pytest.raises(OperationFailed) as e:
@@ -289,3 +289,19 @@ def test_store_need_matches_the_measurements() -> None:
     two = [("cp1", cs, 64 * 1024), ("cp2", cs, 64 * 1024)]
     low = bm.store_need(16 << 20, cs, two, free_inside=0, is_file=True, low=True)
     assert low == 2 * cs + 3 * 4096 and 131072 < low <= 196608
+
+
+def test_failed_step_of_a_carry_is_exit_1_and_leaves_only_the_temporary_name() -> None:
+    fake = FakeQemu({"top": [], "mid": [], "base": []})
+    fake.exit_on = "--merge"
+    top, mid, base = img("top", B("x")), img("mid", B("x")), img("base")
+    actions, _ = bm.plan_post_merge([top, mid, base])
+    failed = bm.apply(actions, runner=fake)
+    assert [a.op for a, _ in failed] == ["merge", "add", "remove"]
+    assert [b["name"] for b in fake.images["base"]] == [bm.TMP_PREFIX + "x"]
+    with pytest.raises(OperationFailed, match="nothing was lost"):
+        bm.verify({"base": bm.expected_after(base, actions)}, failed, runner=fake,
+                  formats={"base": "qcow2"}, before={"base": set()})
+    # The rerun removes the leftover first.
+    left = img("base", B(bm.TMP_PREFIX + "x", rec=False))
+    assert bm.plan_post_merge([top, mid, left])[0][0].op == "remove"
