@@ -36,8 +36,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise errors.UsageError(f"{self.prog}: {message}")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value
+
+
 def _wait(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+    p.add_argument("--wait", type=_seconds, metavar="SECONDS", default=None,
                    help="wait up to SECONDS for a busy lock instead of exiting 3")
 
 

@@ -19,7 +19,9 @@ Points (see where they are called):
   threads and every chunk before it is stored;
 - ``after_index``: every disk's index is written, the manifest is not;
 - ``after_manifest``: the manifest is committed (the backup exists); the job
-  is not ended and the previous checkpoint is not deleted yet.
+  is not ended and the previous checkpoint is not deleted yet;
+- ``hygiene_step_N``: a hygiene hook is about to make its N-th change (1-based:
+  a ``qemu-img bitmap`` run, a libvirt bitmap removal or checkpoint deletion).
 """
 
 from __future__ import annotations

@@ -365,7 +365,7 @@ def pull_export(d: BenchDomain, work: Path) -> Iterator[str]:
 
 
 def allocated_bytes(image: Path) -> int:
-    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(image)],
+    out = subprocess.run(["qemu-img", "map", "-f", "qcow2", "-U", "--output=json", str(image)],
                          check=True, capture_output=True).stdout
     return sum(e["length"] for e in json.loads(out) if e.get("data"))
 

@@ -9,7 +9,7 @@ import pytest
 
 from backupkit import bitmaps as bm
 from backupkit import qemu
-from backupkit.errors import BitmapLost, CommandFailed, ImageInUse, UsageError
+from backupkit.errors import BitmapLost, CommandFailed, ImageInUse, OperationFailed, UsageError
 
 
 def B(name: str, g: int = 65536, rec: bool = True, in_use: bool = False) -> qemu.Bitmap:
@@ -33,49 +33,96 @@ def test_usable_names() -> None:
     assert bm.usable_names([]) == {}
 
 
-def test_pre_merge_removes_stale_and_in_use_only_from_base() -> None:
+def test_pre_merge_removes_stale_from_base_and_every_copy_of_broken_names() -> None:
     top = img("top", B("good"), B("bad-top", in_use=True), B("only-top"))
     base = img("base", B("good"), B("stale"), B("bad-top"), B("bad-base", in_use=True))
-    actions = bm.plan_pre_merge([top, base])
-    assert {a.name: a.reason for a in actions} == {
-        "stale": "stale: not in top",
-        "bad-top": "in-use in top: contents cannot be trusted",
-        "bad-base": "in-use in base: contents cannot be trusted",
-    }
-    assert all(a.op == "remove" and a.image == "base" for a in actions)
-    # Idempotent: once applied, nothing left to do.
-    after = img("base", B("good"))
-    assert bm.plan_pre_merge([top, after]) == []
+    actions, lost = bm.plan_pre_merge([top, base])
+    assert [(a.image, a.name) for a in actions] == [
+        ("top", "bad-top"), ("base", "bad-top"),      # TOP's copy first
+        ("base", "bad-base"), ("base", "stale")]
+    assert all(a.op == "remove" and a.fmt == "qcow2" for a in actions)
+    assert [(p.kind, p.name) for p in lost] == [("lost", "bad-top")]
+    assert "in-use in top" in lost[0].detail
+    # Once applied, nothing left to do and nothing more is lost.
+    after_top = img("top", B("good"), B("only-top"))
+    assert bm.plan_pre_merge([after_top, img("base", B("good"))]) == ([], [])
     with pytest.raises(UsageError):
         bm.plan_pre_merge([top])
+
+
+def test_pre_merge_hole_or_in_use_below_top_loses_the_name_everywhere() -> None:
+    """Issue 25 item 1: a name broken below TOP must not survive in TOP."""
+    top = img("top", B("hole"), B("iu"))
+    mid = img("mid", B("iu", in_use=True))
+    base = img("base", B("hole"), B("iu"))
+    actions, lost = bm.plan_pre_merge([top, mid, base])
+    assert [(a.image, a.name) for a in actions] == [
+        ("top", "hole"), ("base", "hole"), ("top", "iu"), ("mid", "iu"), ("base", "iu")]
+    assert {p.name for p in lost} == {"hole", "iu"}
+    # Post-merge (had pre-merge not run): BASE's copies recorded every write the
+    # commit made, so they are kept; a name BASE lacks is carried only when TOP's
+    # run is sound.
+    assert bm.plan_post_merge([top, mid, base]) == ([], [])
+    actions, lost = bm.plan_post_merge([top, mid, img("base")])
+    assert [(a.op, a.image, a.name) for a in actions] == [
+        ("remove", "top", "iu"), ("remove", "mid", "iu"), ("add", "base", "hole")]
+    assert [p.name for p in lost] == ["iu"]
+    carry, _ = bm.plan_post_merge([top, img("mid"), img("base")])
+    assert {a.name for a in carry} == {"hole", "iu"}
+
+
+def test_base_that_cannot_store_bitmaps_loses_every_top_bitmap() -> None:
+    top = img("top", B("a"), B("b"))
+    raw = qemu.ImageInfo("base", "raw", 1 << 30, 0)
+    v2 = qemu.ImageInfo("base", "qcow2", 1 << 30, 0, compat="0.10")
+    for base in (raw, v2):
+        actions, lost = bm.plan_pre_merge([top, base])
+        assert actions == [] and [p.name for p in lost] == ["a", "b"]
+        assert "cannot store bitmaps" in lost[0].detail
+        actions, lost = bm.plan_post_merge([top, base])
+        assert actions == [] and [p.name for p in lost] == ["a", "b"]
 
 
 def test_post_merge_adds_only_usable_top_only_bitmaps_with_state() -> None:
     top = img("top", B("both"), B("g", g=131072), B("off", rec=False),
               B("bad", in_use=True))
     base = img("base", B("both"))
-    actions = bm.plan_post_merge([top, base])
-    adds = {a.name: (a.granularity, a.recording) for a in actions if a.op == "add"}
-    assert adds == {"g": (131072, True), "off": (65536, False)}
-    assert [(a.name, a.source) for a in actions if a.op == "merge"] == [
-        ("g", "top"), ("off", "top")]
-    # add precedes merge for each name
-    assert [a.op for a in actions if a.name == "g"] == ["add", "merge"]
+    actions, lost = bm.plan_post_merge([top, base])
+    adds = {a.name: (a.granularity, a.recording, a.source, a.source_name)
+            for a in actions if a.op == "add"}
+    # Added and merged in one qemu-img run each.
+    assert adds == {"g": (131072, True, "top", "g"), "off": (65536, False, "top", "off")}
+    assert [a.name for a in actions if a.op == "remove"] == ["bad"]
+    assert [p.name for p in lost] == ["bad"]
     done = img("base", B("both"), B("g", g=131072), B("off", rec=False))
-    assert bm.plan_post_merge([top, done]) == []
+    assert bm.plan_post_merge([img("top", B("both"), B("g", g=131072), B("off", rec=False)),
+                               done]) == ([], [])
 
 
-def test_post_merge_merges_every_upper_layer_of_the_run() -> None:
+def test_post_merge_over_several_layers_goes_through_a_temporary_name() -> None:
     top, mid = img("top", B("x")), img("mid", B("x"))
-    actions = bm.plan_post_merge([top, mid, img("base")])
-    assert [(a.op, a.source) for a in actions] == [("add", None), ("merge", "mid"),
-                                                   ("merge", "top")]
+    actions, lost = bm.plan_post_merge([top, mid, img("base")])
+    tmp = bm.TMP_PREFIX + "x"
+    assert lost == []
+    assert [(a.op, a.name, a.source, a.source_name) for a in actions] == [
+        ("add", tmp, "mid", "x"), ("merge", tmp, "top", "x"),
+        ("add", "x", None, tmp), ("remove", tmp, None, None)]
+    # A rerun after a kill: leftovers go first, then the carry starts over.
+    left = img("base", B(tmp, rec=False))
+    actions, _ = bm.plan_post_merge([top, mid, left])
+    assert [(a.op, a.name) for a in actions][:2] == [("remove", tmp), ("add", tmp)]
+    # Killed after the real name was made: only the leftover goes.
+    made = img("base", B("x"), B(tmp, rec=False))
+    actions, _ = bm.plan_post_merge([top, mid, made])
+    assert [(a.op, a.name) for a in actions] == [("remove", tmp)]
 
 
-def test_post_merge_damage_and_warnings() -> None:
+def test_post_merge_in_use_in_base_is_lost_everywhere_and_warnings() -> None:
     top = img("top", B("a"), B("b"))
     base = img("base", B("a", in_use=True), B("b", rec=False))
-    assert [p.name for p in bm.post_merge_damage([top, base])] == ["a"]
+    actions, lost = bm.plan_post_merge([top, base])
+    assert [(a.image, a.name) for a in actions] == [("top", "a"), ("base", "a")]
+    assert [p.name for p in lost] == ["a"]
     assert [p.kind for p in bm.post_merge_warnings([top, base])] == ["disabled_in_base"]
 
 
@@ -94,9 +141,9 @@ def test_analyse_and_fix() -> None:
 
 def test_expected_after_and_predicted() -> None:
     base = img("base", B("a"), B("stale"))
-    acts = [bm.Action("remove", "base", "stale", "r"),
-            bm.Action("add", "base", "n", "r", granularity=131072, recording=False),
-            bm.Action("merge", "base", "n", "r", source="top")]
+    acts = [bm.Action("remove", "base", "qcow2", "stale", "r"),
+            bm.Action("add", "base", "qcow2", "n", "r", granularity=131072, recording=False),
+            bm.Action("merge", "base", "qcow2", "n", "r", source="top", source_fmt="qcow2")]
     assert sorted(bm.expected_after(base, acts)) == ["a", "n"]
     assert bm.predicted_bitmaps(base, acts)[1] == {
         "name": "n", "granularity": 131072, "recording": False, "in_use": False}
@@ -122,7 +169,7 @@ class FakeQemu:
                    "format-specific": {"type": "qcow2",
                                        "data": {"bitmaps": self.images[path]}}}
             return json.dumps(doc).encode()
-        op, path, name = cmd[2], cmd[-2], cmd[-1]
+        op, path, name = cmd[4], cmd[-2], cmd[-1]  # qemu-img bitmap -f FMT OP ...
         if op == "--remove":
             self.images[path] = [b for b in self.images[path] if b["name"] != name]
         elif op == "--add":
@@ -140,12 +187,13 @@ class FakeQemu:
 def test_verify_catches_exit_0_with_lost_bitmaps() -> None:
     fake = FakeQemu({"base": [{"name": "a", "granularity": 65536, "flags": ["auto"]}]})
     fake.lose_on = "--add"  # qemu-img exits 0 but leaves everything in-use
-    base = bm.read_info("base", runner=fake)
-    acts = [bm.Action("add", "base", "n", "only in top", granularity=65536)]
+    base = bm.read_info("base", fmt="qcow2", runner=fake)
+    acts = [bm.Action("add", "base", "qcow2", "n", "only in top", granularity=65536)]
     failed = bm.apply(acts, runner=fake)
     assert failed == []
     with pytest.raises(BitmapLost) as e:
-        bm.verify({"base": bm.expected_after(base, acts)}, failed, runner=fake)
+        bm.verify({"base": bm.expected_after(base, acts)}, failed, runner=fake,
+                  formats={"base": "qcow2"}, before={"base": {"a"}})
     assert {d["name"] for d in e.value.report["damage"]} == {"a", "n"}
     assert e.value.exit_code == 5
 
@@ -153,11 +201,41 @@ def test_verify_catches_exit_0_with_lost_bitmaps() -> None:
 def test_failed_add_skips_its_merge_and_is_reported() -> None:
     fake = FakeQemu({"base": []})
     fake.exit_on = "--add"
-    acts = [bm.Action("add", "base", "n", "r", granularity=65536),
-            bm.Action("merge", "base", "n", "r", source="top")]
+    acts = [bm.Action("add", "base", "qcow2", "n", "r", granularity=65536),
+            bm.Action("merge", "base", "qcow2", "n", "r", source="top", source_fmt="qcow2")]
     failed = bm.apply(acts, runner=fake)
-    assert [a.op for a, _ in failed] == ["add"]
+    assert [a.op for a, _ in failed] == ["add", "merge"]  # the merge was not run
     assert not any("--merge" in c for c in fake.calls)
+    # Nothing held before went missing: the failure is exit 1, not a loss.
+    with pytest.raises(OperationFailed) as e:
+        bm.verify({"base": {}}, failed, runner=fake, formats={"base": "qcow2"},
+                  before={"base": set()})
+    assert e.value.exit_code == 1 and "nothing was lost" in str(e.value)
+
+
+def test_every_qemu_img_call_names_the_format() -> None:
+    fake = FakeQemu({"base": [], "top": []})
+    acts = [bm.Action("remove", "base", "raw", "x", "r"),
+            bm.Action("add", "base", "qcow2", "n", "r", source="top", source_fmt="qcow2",
+                      source_name="n"),
+            bm.Action("merge", "base", "qcow2", "n", "r", source="top", source_fmt="qcow2")]
+    bm.apply(acts, runner=fake)
+    bm.read_info("base", fmt="qcow2", runner=fake)
+    for c in fake.calls:
+        assert c[c.index("-f") + 1] in ("raw", "qcow2"), c
+    assert fake.calls[0][:4] == ["qemu-img", "bitmap", "-f", "raw"]
+    add = fake.calls[1]
+    assert add[add.index("-b") + 1: add.index("-b") + 4] == ["top", "-F", "qcow2"]
+
+
+def test_chain_refuses_a_backing_format_it_would_have_to_probe() -> None:
+    docs = [{"filename": "top", "format": "qcow2", "virtual-size": 1,
+             "backing-filename": "base", "full-backing-filename": "base"},
+            {"filename": "base", "format": "qcow2", "virtual-size": 1}]
+    with pytest.raises(UsageError, match="records no format for its backing file"):
+        qemu.parse_chain(docs)
+    docs[0]["backing-filename-format"] = "raw"
+    assert [i.format for i in qemu.parse_chain(docs)] == ["qcow2", "qcow2"]
 
 
 def test_locked_image_is_reported_clearly() -> None:
@@ -168,7 +246,7 @@ def test_locked_image_is_reported_clearly() -> None:
     with pytest.raises(ImageInUse, match="use --domain"):
         bm.read_chain("x", runner=locked)
     with pytest.raises(ImageInUse):
-        bm.apply([bm.Action("remove", "x", "n", "r")], runner=locked)
+        bm.apply([bm.Action("remove", "x", "qcow2", "n", "r")], runner=locked)
 
 
 def test_same_image_block_devices_and_files(tmp_path: Any) -> None:
@@ -181,17 +259,49 @@ def test_same_image_block_devices_and_files(tmp_path: Any) -> None:
         assert bm.same_image("/x/../y", "/y")
 
 
-def test_bitmaps_store_size() -> None:
-    from backupkit import bitmaps as bm
+def test_store_need_matches_the_measurements() -> None:
+    """The figures measured on QEMU 7.2 (bitmaps.py's table) come out exactly."""
+    GiB, cs = 1 << 30, 65536
+    dirty = 64 * 1024  # bytes per write, one bit each at 64 KiB granularity
 
-    MiB, GiB = 1 << 20, 1 << 30
-    assert bm.bitmaps_store_size(GiB, 65536, []) == 0
-    # 1 GiB at 64 KiB granularity: 2 KiB of bits -> 1 data cluster + 1 table cluster.
-    one = bm.bitmaps_store_size(GiB, 65536, [("a", 65536, 0)])
-    assert one == 2 * 65536 + 65536 + 2 * 65536
-    # HOST-FACTS' window: 33 bitmaps need more than the 3.5 MiB left after a 120 MiB
-    # merge on a 128 MiB volume, and less than the 5.5 MiB left after 118 MiB.
-    many = bm.bitmaps_store_size(GiB, 65536, [(f"s{i}", 65536, 0) for i in range(33)])
-    assert 3.6 * MiB < many < 5.4 * MiB
-    # Finer granularity needs more data clusters.
-    assert bm.bitmaps_store_size(64 * GiB, 65536, [("a", 4096, 1)]) > 2 * MiB
+    def need(size: int, n: int, g: int, writes: int, inside: int) -> int:
+        bs = [(f"backupkit.{i:03d}-20261206T000000Z", g, writes * dirty) for i in range(n)]
+        return bm.store_need(size, cs, bs, free_inside=inside, is_file=False)
+
+    # (disk, bitmaps, granularity, writes, clusters free inside) -> measured past the end
+    assert need(GiB, 1, cs, 0, 0) == 131072
+    assert need(GiB, 2, cs, 4, 3) == 131072
+    assert need(GiB, 8, cs, 16, 9) == 524288
+    assert need(GiB, 32, cs, 16, 33) == 2097152
+    assert need(100 * GiB, 2, cs, 512, 3) == 524288
+    assert need(100 * GiB, 2, 1 << 20, 64, 3) == 131072
+    assert need(1 << 40, 1, cs, 64, 2) == 2097152
+    # The file case adds what ext4 needed on top (never less than measured).
+    f = bm.store_need(GiB, cs, [("a", cs, 4 * dirty), ("b", cs, 4 * dirty)], free_inside=3,
+                      is_file=True)
+    assert f >= 265216
+    # Unknown counts: every data cluster may hold bits; low: none.
+    assert bm.store_clusters(1 << 40, cs, [("a", cs, None)]) == 1 + 32 + 1
+    assert bm.store_clusters(1 << 40, cs, [("a", cs, None)], low=True) == 1 + 0 + 1
+    assert bm.store_need(GiB, cs, [], free_inside=0, is_file=True) == 0
+    # The least a file needs: the pages QEMU writes (tmpfs: stored with 196,608 free,
+    # lost with 131,072 for these two bitmaps of a 16 MiB disk).
+    two = [("cp1", cs, 64 * 1024), ("cp2", cs, 64 * 1024)]
+    low = bm.store_need(16 << 20, cs, two, free_inside=0, is_file=True, low=True)
+    assert low == 2 * cs + 3 * 4096 and 131072 < low <= 196608
+
+
+def test_failed_step_of_a_carry_is_exit_1_and_leaves_only_the_temporary_name() -> None:
+    fake = FakeQemu({"top": [], "mid": [], "base": []})
+    fake.exit_on = "--merge"
+    top, mid, base = img("top", B("x")), img("mid", B("x")), img("base")
+    actions, _ = bm.plan_post_merge([top, mid, base])
+    failed = bm.apply(actions, runner=fake)
+    assert [a.op for a, _ in failed] == ["merge", "add", "remove"]
+    assert [b["name"] for b in fake.images["base"]] == [bm.TMP_PREFIX + "x"]
+    with pytest.raises(OperationFailed, match="nothing was lost"):
+        bm.verify({"base": bm.expected_after(base, actions)}, failed, runner=fake,
+                  formats={"base": "qcow2"}, before={"base": set()})
+    # The rerun removes the leftover first.
+    left = img("base", B(bm.TMP_PREFIX + "x", rec=False))
+    assert bm.plan_post_merge([top, mid, left])[0][0].op == "remove"

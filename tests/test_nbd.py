@@ -37,7 +37,7 @@ def test_read_and_extents(image: Path, tmp_path: Path) -> None:
 
 
 def test_dirty_bitmap_export(image: Path, tmp_path: Path) -> None:
-    qemu.bitmap_add(str(image), "b1")
+    qemu.bitmap_add(str(image), "b1", fmt="qcow2")
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x66 4M 64k", str(image)],
                    check=True, capture_output=True)
     with nbd.QemuNbd(str(image), "qcow2", str(tmp_path / "s"), bitmap="b1") as srv, \

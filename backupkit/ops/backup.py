@@ -182,7 +182,7 @@ def _running_bitmap_state(dom: Domain, disk: vxml.Disk, name: str,
 
 
 def _cold_bitmap_state(disk: vxml.Disk, name: str) -> str | None:
-    b = qemu.info(disk.path, force_share=False).bitmap(name)
+    b = qemu.info(disk.path, fmt=disk.format, force_share=False).bitmap(name)
     if b is None:
         return None
     if b.in_use:
@@ -195,7 +195,7 @@ def _cold_bitmap_state(disk: vxml.Disk, name: str) -> str | None:
 def _sizes(dom: Domain, disks: list[vxml.Disk], running: bool) -> dict[str, int]:
     sizes = {}
     for d in disks:
-        sizes[d.target] = qemu.info(d.path, force_share=running).virtual_size
+        sizes[d.target] = qemu.info(d.path, fmt=d.format, force_share=running).virtual_size
     return sizes
 
 
@@ -238,11 +238,11 @@ class _Backup:
             for d in self.dom.disks():
                 if not d.can_bitmap:
                     continue
-                for b in qemu.info(d.path, force_share=False).bitmaps:
+                for b in qemu.info(d.path, fmt=d.format, force_share=False).bitmaps:
                     if b.name.startswith(PREFIX) and b.name != keep and b.name not in known:
                         log.warning("%s: removing stale bitmap %s from %s (no committed "
                                     "backup uses it)", self.req.domain, b.name, d.path)
-                        qemu.bitmap_remove(d.path, b.name)
+                        qemu.bitmap_remove(d.path, b.name, fmt=d.format)
 
     # -- mode -------------------------------------------------------------------
 
@@ -488,7 +488,7 @@ class _Backup:
         try:
             for d in disks:
                 if d.can_bitmap:
-                    qemu.bitmap_add(d.path, checkpoint)
+                    qemu.bitmap_add(d.path, checkpoint, fmt=d.format)
                     added.append(d)
 
             @contextlib.contextmanager
@@ -503,7 +503,7 @@ class _Backup:
         except BaseException:
             for d in added:
                 with contextlib.suppress(Error):
-                    qemu.bitmap_remove(d.path, checkpoint)
+                    qemu.bitmap_remove(d.path, checkpoint, fmt=d.format)
             raise
         faults.point("after_manifest")
         # Committed: tell libvirt about the checkpoint (metadata only for a shut-off domain).
@@ -533,9 +533,9 @@ def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:
         if not d.can_bitmap:
             continue
         # The real chain from the image itself: a shut-off domain's XML has no <backingStore>.
-        for layer in qemu.chain(d.path, force_share=False):
+        for layer in qemu.chain(d.path, fmt=d.format, force_share=False):
             if layer.format == "qcow2" and layer.bitmap(name) is not None:
-                qemu.bitmap_remove(layer.filename, name)
+                qemu.bitmap_remove(layer.filename, name, fmt=layer.format)
     with contextlib.suppress(NotFound):
         dom.delete_checkpoint(name, metadata_only=True)
 

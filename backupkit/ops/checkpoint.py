@@ -6,43 +6,63 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from backupkit import bitmaps as bm
 from backupkit import qemu, virt
 from backupkit.errors import Error, NotFound
 from backupkit.ops.backup import delete_checkpoint
 from backupkit.virt import Domain
 
 
-def _bitmap_states(dom: Domain) -> dict[str, dict[str, dict[str, Any]]]:
-    """target -> bitmap name -> {recording, consistent, layers}."""
+def _disk_chains(dom: Domain) -> dict[str, list[qemu.ImageInfo]]:
+    """target -> the disk's chain with its bitmaps, active layer first.
+
+    Running: QEMU's bitmaps of each layer libvirt's XML names.  Shut off: the
+    chain from the images (the inactive XML has no <backingStore>), each
+    opened with the format its metadata records; a chain that cannot be read
+    is empty (every bitmap then shows as missing).
+    """
     running = dom.is_active()
     live = dom.block_bitmaps() if running else {}
-    states: dict[str, dict[str, dict[str, Any]]] = {}
+    chains: dict[str, list[qemu.ImageInfo]] = {}
     for d in dom.disks():
-        per: dict[str, dict[str, Any]] = {}
         if running:
-            layers = [(d.path, live.get(d.path, []))]
-            layers += [(b.path, live.get(b.path, [])) for b in d.backing]
-            for path, bitmaps in layers:
-                for b in bitmaps:
-                    e = per.setdefault(b["name"], {"layers": []})
-                    e["layers"].append(path)
-                    if path == d.path:
-                        e["recording"] = bool(b.get("recording"))
-                        e["consistent"] = not b.get("inconsistent", False)
+            chain = []
+            for path, fmt in [(d.path, d.format), *((b.path, b.format) for b in d.backing)]:
+                bitmaps = tuple(qemu.Bitmap(b["name"], int(b.get("granularity", 65536)),
+                                            bool(b.get("recording")),
+                                            bool(b.get("inconsistent", False)))
+                                for b in live.get(path, []))
+                chain.append(qemu.ImageInfo(path, fmt, 0, 0, bitmaps=bitmaps))
+            chains[d.target] = chain
         elif d.can_bitmap:
-            # Shut off: the chain from the images (the inactive XML has no <backingStore>).
             try:
-                chain = qemu.chain(d.path, force_share=True)
+                chains[d.target] = qemu.chain(d.path, fmt=d.format, force_share=True)
             except Error:
-                chain = []
-            for img in chain:
-                for bm in img.bitmaps:
-                    e = per.setdefault(bm.name, {"layers": []})
-                    e["layers"].append(img.filename)
-                    if img is chain[0]:
-                        e["recording"] = bm.recording
-                        e["consistent"] = not bm.in_use
-        states[d.target] = per
+                chains[d.target] = []
+    return chains
+
+
+def _bitmap_states(dom: Domain) -> dict[str, dict[str, dict[str, Any]]]:
+    """target -> bitmap name -> {exists, recording, consistent, usable, layers}.
+
+    ``exists``: the bitmap is in the disk's active layer, where a checkpoint's
+    bitmap must be; a copy left only in a lower layer (the active one removed
+    behind libvirt's back) does not count.  ``usable``: it can serve an
+    incremental (present and sound from the active layer down, no hole).
+    """
+    states: dict[str, dict[str, dict[str, Any]]] = {}
+    for target, chain in _disk_chains(dom).items():
+        per: dict[str, dict[str, Any]] = {}
+        usable = bm.usable_names(chain)
+        for img in chain:
+            for b in img.bitmaps:
+                e = per.setdefault(b.name, {"layers": [], "exists": False})
+                e["layers"].append(img.filename)
+                if img is chain[0]:
+                    e.update(exists=True, recording=b.recording, consistent=not b.in_use)
+        for name, e in per.items():
+            e["usable"] = name in usable
+        states[target] = per
     return states
 
 
@@ -57,12 +77,13 @@ def list_checkpoints(uri: str, domain: str) -> dict[str, Any]:
                 if bitmap is None:
                     disks.append({"name": target, "bitmap": None})
                     continue
-                st = states.get(target, {}).get(bitmap)
+                st = states.get(target, {}).get(bitmap, {})
                 disks.append({
-                    "name": target, "bitmap": bitmap, "exists": st is not None,
-                    "recording": bool(st and st.get("recording")),
-                    "consistent": bool(st and st.get("consistent", False)),
-                    "layers": st["layers"] if st else [],
+                    "name": target, "bitmap": bitmap, "exists": bool(st.get("exists")),
+                    "recording": bool(st.get("recording")),
+                    "consistent": bool(st.get("consistent", False)),
+                    "usable": bool(st.get("usable")),
+                    "layers": st.get("layers", []),
                 })
             out.append({"name": cp.name, "parent": cp.parent,
                         "creation_time": cp.creation_time, "disks": disks})

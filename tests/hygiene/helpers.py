@@ -31,7 +31,7 @@ def create(path: str, size: int | None = None, backing: str | None = None) -> No
 
 
 def add(path: str, name: str, granularity: int | None = None, disabled: bool = False) -> None:
-    cmd = ["qemu-img", "bitmap", "--add"]
+    cmd = ["qemu-img", "bitmap", "-f", "qcow2", "--add"]
     if granularity:
         cmd += ["-g", str(granularity)]
     if disabled:
@@ -54,7 +54,7 @@ def commit(top: str, base: str) -> subprocess.CompletedProcess[str]:
 
 
 def bitmaps(path: str) -> dict[str, dict[str, object]]:
-    doc = json.loads(must("qemu-img", "info", "--output=json", "-U", path))
+    doc = json.loads(must("qemu-img", "info", "-f", "qcow2", "--output=json", "-U", path))
     data = doc.get("format-specific", {}).get("data", {})
     return {b["name"]: {"granularity": b["granularity"], "flags": sorted(b["flags"])}
             for b in data.get("bitmaps", [])}

@@ -109,13 +109,16 @@ def test_without_pre_merge_commit_fails_and_check_reports(
     assert {p["name"] for p in report["remaining"] if p["kind"] == "orphan"} >= {
         "stale-bitmap-000"}
 
-    # post-merge refuses to rebuild lost bitmaps from TOP alone (they would miss
-    # every write older than TOP) and changes nothing.
-    before = bitmaps(base)
+    # post-merge never rebuilds lost bitmaps from TOP alone (they would miss every
+    # write older than TOP): it removes every copy of them (in-use ones are never
+    # stored again, so that fits even on this full volume), carries TOP's sound
+    # bitmap, and names the lost ones (exit 5).
     with pytest.raises(BitmapLost) as e2:
         hygiene.post_merge(top, base)
-    assert {d["name"] for d in e2.value.report["damage"]} >= set(GOOD)
-    assert bitmaps(base) == before
+    assert {d["name"] for d in e2.value.report["lost"]} == set(GOOD)
+    assert all(d["fits"] for d in e2.value.report["space"])
+    assert sorted(bitmaps(base)) == [TOP_ONLY] and sorted(bitmaps(top)) == [TOP_ONLY]
+    assert bitmaps(base)[TOP_ONLY]["flags"] == ["auto"]
 
 
 def test_without_pre_merge_commit_exits_0_but_loses_bitmaps(
@@ -128,21 +131,23 @@ def test_without_pre_merge_commit_exits_0_but_loses_bitmaps(
     lost = {n for n, b in bitmaps(base).items() if "in-use" in b["flags"]}
     assert set(GOOD) <= lost
 
-    with pytest.raises(BitmapLost) as e:
-        hygiene.post_merge(top, base)
-    assert e.value.exit_code == EXIT_INTEGRITY
     with pytest.raises(BitmapLost) as e2:
         hygiene.check(images=[base])
     assert {p["name"] for p in e2.value.report["remaining"]} >= set(GOOD)
 
-    # --fix removes every copy of the broken names in the whole chain (TOP's
-    # copies included: alone they would claim changes they never saw), after
-    # which post-merge has nothing left to (wrongly) rebuild.
-    fixed = hygiene.check(images=[top], fix=True)
-    assert fixed["clean"] and fixed["remaining"] == []
-    assert bitmaps(base) == {}
+    # post-merge removes every copy of the broken names in the whole chain
+    # (TOP's copies included: alone they would claim changes they never saw),
+    # carries TOP's sound bitmap, and names the lost ones (exit 5).
+    with pytest.raises(BitmapLost) as e:
+        hygiene.post_merge(top, base)
+    assert e.value.exit_code == EXIT_INTEGRITY
+    report = e.value.report
+    assert {p["name"] for p in report["lost"]} == set(GOOD)
+    assert [a["name"] for a in report["added"]] == [TOP_ONLY]
     assert sorted(bitmaps(top)) == [TOP_ONLY]
-    post = hygiene.post_merge(top, base)
-    assert [a["name"] for a in post["added"]] == [TOP_ONLY]
     assert sorted(bitmaps(base)) == [TOP_ONLY]
+    assert all(b["flags"] == ["auto"] for b in bitmaps(base).values())
+    # Rerun: nothing left to lose or carry; the chain is clean.
+    again = hygiene.post_merge(top, base)
+    assert again["lost"] == [] and again["added"] == [] and again["removed"] == []
     assert hygiene.check(images=[top], fix=True)["removed"] == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backupkit.errors import ImageInUse, UsageError
+from backupkit.errors import EXIT_INTEGRITY, BitmapLost, ImageInUse, UsageError
 from backupkit.ops import hygiene
 from tests.hygiene.helpers import (
     MiB,
@@ -54,11 +54,21 @@ def test_in_use_not_copied_granularity_and_state_kept(tmp_path: Path) -> None:
     top, base = chain(tmp_path)
     assert bitmaps(top)["bad-top-only"]["flags"] == ["auto", "in-use"]
 
-    pre = hygiene.pre_merge(top, base)
-    assert {r["name"]: r["reason"] for r in pre["removed"]} == {
-        "bad-in-top": "in-use in top: contents cannot be trusted",
-        "stale": "stale: not in top",
-    }
+    # Issue 25 item 5: TOP's in-use bitmaps are lost; said with exit 5, every copy
+    # removed (TOP's first), after the stale bitmap was removed as well.
+    with pytest.raises(BitmapLost) as e:
+        hygiene.pre_merge(top, base)
+    assert e.value.exit_code == EXIT_INTEGRITY
+    pre = e.value.report
+    assert {p["name"] for p in pre["lost"]} == {"bad-in-top", "bad-top-only"}
+    assert "bad-in-top" in str(e.value) and "bad-top-only" in str(e.value)
+    assert sorted((Path(r["image"]).stem, r["name"]) for r in pre["removed"]) == [
+        ("base", "bad-in-top"), ("base", "stale"), ("top", "bad-in-top"),
+        ("top", "bad-top-only")]
+    assert "bad-in-top" not in bitmaps(top) and "bad-top-only" not in bitmaps(top)
+    # The rerun finds a clean chain: nothing more lost, nothing removed.
+    again = hygiene.pre_merge(top, base)
+    assert again["removed"] == [] and again["lost"] == []
     assert commit(top, base).returncode == 0
 
     post = hygiene.post_merge(top, base)
@@ -91,11 +101,17 @@ def test_in_use_not_copied_granularity_and_state_kept(tmp_path: Path) -> None:
 def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     top, base = chain(tmp_path)
     before = (bitmaps(top), bitmaps(base))
-    pre = hygiene.pre_merge(top, base, dry_run=True)
-    assert pre["dry_run"] and len(pre["removed"]) == 2
+    with pytest.raises(BitmapLost) as e:
+        hygiene.pre_merge(top, base, dry_run=True)
+    pre = e.value.report
+    assert pre["dry_run"] and len(pre["removed"]) == 4
     assert sorted(b["name"] for b in pre["bitmaps_after"][base]) == ["both"]
-    post = hygiene.post_merge(top, base, dry_run=True)
+    with pytest.raises(BitmapLost) as e:
+        hygiene.post_merge(top, base, dry_run=True)
+    post = e.value.report
     assert {a["name"] for a in post["added"]} == {"good", "frozen", "late", "frozen-off"}
+    # bad-in-top is kept: BASE's sound copy records what a commit writes into it.
+    assert {p["name"] for p in post["lost"]} == {"bad-top-only"}
     assert (bitmaps(top), bitmaps(base)) == before
 
 

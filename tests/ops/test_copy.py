@@ -27,7 +27,7 @@ def test_parent_of_another_size_is_refused(tmp_path: Path) -> None:
     """A disk resized between choosing the mode and the export: never a broken index."""
     img = tmp_path / "d.qcow2"
     qemu.create(str(img), "qcow2", 4 * MiB)
-    qemu.bitmap_add(str(img), "b")
+    qemu.bitmap_add(str(img), "b", fmt="qcow2")
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 3M 64k", str(img)],
                    check=True, capture_output=True)
     repo = Repository.init(str(tmp_path / "r"), chunk_size=1 * MiB)
@@ -102,8 +102,8 @@ def test_incremental_chain_of_pieces_restores_every_point(tmp_path: Path) -> Non
                 srv.client(dirty=dirty) as client:
             res = copy_disk(client, repo, parent=index)
         if dirty:
-            qemu.bitmap_remove(str(img), "b")
-        qemu.bitmap_add(str(img), "b")  # a fresh bitmap: tracks the next step's writes
+            qemu.bitmap_remove(str(img), "b", fmt="qcow2")
+        qemu.bitmap_add(str(img), "b", fmt="qcow2")  # a fresh bitmap: tracks the next step's writes
         reads.append(res.read_bytes)
         index = res.index
         manifests.append(_commit(repo, n, index, manifests[-1] if manifests else None))
@@ -156,7 +156,7 @@ def test_zeros_over_a_hole_change_nothing(tmp_path: Path) -> None:
     with nbd.QemuNbd(str(img), "qcow2", sock) as srv, srv.client() as client:
         full = copy_disk(client, repo, parent=None).index
     assert list(full.slots()) == []
-    qemu.bitmap_add(str(img), "b")
+    qemu.bitmap_add(str(img), "b", fmt="qcow2")
     _io(img, "write -z 64k 64k", "write -P 9 1088k 64k")
     with nbd.QemuNbd(str(img), "qcow2", sock, bitmap="b") as srv, \
             srv.client(dirty=True) as client:
