@@ -123,6 +123,18 @@ def build_parser() -> ArgumentParser:
     _wait(s)
     s.set_defaults(func=cmd_restore)
 
+    s = sub.add_parser("serve", help="serve one backup's disk as a read-only NBD export")
+    s.add_argument("domain", metavar="DOMAIN")
+    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
+                   help="backup id or 'latest' (default)")
+    s.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to serve on")
+    s.add_argument("--disk", metavar="NAME",
+                   help="disk of the default export (default: the backup's first disk; every "
+                        "disk is also exported under its own name)")
+    s.add_argument("--background", action="store_true",
+                   help="return once the socket answers and print the server's PID")
+    s.set_defaults(func=cmd_serve)
+
     s = sub.add_parser("verify", help="check manifests, indexes and (with --data) chunks")
     s.add_argument("domain", nargs="?", metavar="DOMAIN")
     s.add_argument("backup", nargs="?", metavar="BACKUP")
@@ -372,6 +384,15 @@ def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
             repo, args.domain, args.backup, args.target,
             fmt=args.format, disks=tuple(args.disk), define=args.define, force=args.force,
             connect=_uri(args, cfg), progress=progress)
+
+
+def cmd_serve(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import serve
+
+    location = _repo_path(args, cfg, args.domain)
+    repo = _open_repo(args, cfg, args.domain)
+    return serve.serve(repo, location, cfg.path, args.domain, args.backup, args.socket,
+                       disk=args.disk, background=args.background)
 
 
 def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:

@@ -13,6 +13,8 @@ APT_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev pkg-config                # to build libvirt-python
   libnbd-bin nbdkit                     # nbdcopy (bench), nbdkit fault injection
+  nbdkit-plugin-python                  # backupkit serve: the repository as an NBD export
+  fuse3 fdisk dosfstools                # backupkit mount (nbdfuse is in libnbd-bin), vfat tests
   e2fsprogs util-linux                  # mkfs, losetup (fault tests)
   groff-base man-db                     # man page checks
   systemd                               # systemd-analyze verify
