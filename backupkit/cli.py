@@ -135,6 +135,18 @@ def build_parser() -> ArgumentParser:
                    help="return once the socket answers and print the server's PID")
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("mount", help="mount a backup's filesystems read-only")
+    s.add_argument("domain", metavar="DOMAIN")
+    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
+                   help="backup id or 'latest' (default)")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    s.add_argument("--disk", metavar="NAME", help="the disk to mount (default: the first)")
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="undo backupkit mount (filesystems, loops, FUSE, server)")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.set_defaults(func=cmd_umount)
+
     s = sub.add_parser("verify", help="check manifests, indexes and (with --data) chunks")
     s.add_argument("domain", nargs="?", metavar="DOMAIN")
     s.add_argument("backup", nargs="?", metavar="BACKUP")
@@ -393,6 +405,21 @@ def cmd_serve(args: argparse.Namespace, cfg: config.Config) -> Any:
     repo = _open_repo(args, cfg, args.domain)
     return serve.serve(repo, location, cfg.path, args.domain, args.backup, args.socket,
                        disk=args.disk, background=args.background)
+
+
+def cmd_mount(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import mount
+
+    location = _repo_path(args, cfg, args.domain)
+    repo = _open_repo(args, cfg, args.domain)
+    return mount.mount(repo, location, cfg.path, args.domain, args.backup, args.mountpoint,
+                       disk=args.disk)
+
+
+def cmd_umount(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import mount
+
+    return mount.umount(args.mountpoint)
 
 
 def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:
