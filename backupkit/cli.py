@@ -120,8 +120,17 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--define", metavar="NEW_NAME",
                    help="also define a new domain (new name, UUID and MACs) using the disks")
     s.add_argument("--force", action="store_true", help="overwrite existing files")
+    s.add_argument("--live", action="store_true",
+                   help="with --define: start the domain at once from overlays on the backup's "
+                        "export and copy the data in the background")
+    s.add_argument("--detach", action="store_true",
+                   help="with --live: return once the domain runs (see restore-status)")
     _wait(s)
     s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("restore-status", help="progress of a live restore (finishes it when done)")
+    s.add_argument("name", metavar="NEW_NAME")
+    s.set_defaults(func=cmd_restore_status)
 
     s = sub.add_parser("serve", help="serve one backup's disk as a read-only NBD export")
     s.add_argument("domain", metavar="DOMAIN")
@@ -383,6 +392,8 @@ def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.progress import progress_factory
 
     factory = progress_factory(args)
+    if args.live or args.detach:
+        return _restore_live(args, cfg, factory)
     repo = _open_repo(args, cfg, args.domain)
     progress = None
     if factory:
@@ -420,6 +431,29 @@ def cmd_umount(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import mount
 
     return mount.umount(args.mountpoint)
+
+
+def _restore_live(args: argparse.Namespace, cfg: config.Config, factory: Any) -> Any:
+    from backupkit.ops import live
+
+    if not args.live:
+        raise errors.UsageError("--detach needs --live")
+    if not args.define:
+        raise errors.UsageError("--live needs --define NEW_NAME")
+    if args.format != "qcow2" or args.force:
+        raise errors.UsageError("--live writes qcow2 overlays; --format raw and --force "
+                                "do not apply")
+    location = _repo_path(args, cfg, args.domain)
+    repo = _open_repo(args, cfg, args.domain)
+    return live.live_restore(repo, location, cfg.path, args.domain, args.backup, args.target,
+                             args.define, disks=tuple(args.disk), connect=_uri(args, cfg),
+                             detach=args.detach, progress=factory)
+
+
+def cmd_restore_status(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import live
+
+    return live.status(args.name)
 
 
 def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:
