@@ -156,6 +156,16 @@ def build_parser() -> ArgumentParser:
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.set_defaults(func=cmd_umount)
 
+    s = sub.add_parser("drill", help="boot a throwaway copy of a backup and check it answers")
+    s.add_argument("domain", metavar="DOMAIN")
+    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
+                   help="backup id or 'latest' (default)")
+    s.add_argument("--timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="give up after SECONDS (default 300)")
+    s.add_argument("--check", metavar="COMMAND",
+                   help="also run COMMAND in the guest (guest-exec); exit 0 passes")
+    s.set_defaults(func=cmd_drill)
+
     s = sub.add_parser("verify", help="check manifests, indexes and (with --data) chunks")
     s.add_argument("domain", nargs="?", metavar="DOMAIN")
     s.add_argument("backup", nargs="?", metavar="BACKUP")
@@ -454,6 +464,29 @@ def cmd_restore_status(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import live
 
     return live.status(args.name)
+
+
+def cmd_drill(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import drill
+
+    location = _repo_path(args, cfg, args.domain)
+    repo = _open_repo(args, cfg, args.domain)
+    result: dict[str, Any] | None = None
+    try:
+        result = drill.drill(repo, location, cfg.path, args.domain, args.backup,
+                             connect=_uri(args, cfg), timeout=args.timeout, check=args.check)
+        return result
+    except drill.DrillFailed as e:
+        result = e.fields.get("result")
+        raise
+    finally:
+        if result is not None and cfg.metrics_textfile:
+            from backupkit import metrics
+
+            try:
+                metrics.record_drill(cfg.metrics_textfile, result)
+            except OSError as e:
+                log.warning("cannot write metrics to %s: %s", cfg.metrics_textfile, e)
 
 
 def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:

@@ -41,6 +41,13 @@ DOMAIN_METRICS: dict[str, str] = {
     "backupkit_last_freeze_seconds":
         "Guest filesystem freeze window of the last successful backup (quiesced only).",
 }
+# Written by backupkit drill (per domain too).
+DRILL_METRICS: dict[str, str] = {
+    "backupkit_drill_last_timestamp_seconds": "Unix time the last restore drill ended.",
+    "backupkit_drill_last_result": "1 if the last restore drill passed, 0 if it failed.",
+    "backupkit_drill_seconds_to_agent":
+        "Seconds from the start of the last passed drill to the guest agent answering.",
+}
 REPOSITORY_METRICS: dict[str, str] = {
     "backupkit_repository_size_bytes":
         "Bytes used by the repository (chunks, indexes and manifests).",
@@ -50,6 +57,7 @@ REPOSITORY_METRICS: dict[str, str] = {
         "Unix time the repository metrics were computed.",
 }
 METRICS = {**{n: ("domain", h) for n, h in DOMAIN_METRICS.items()},
+           **{n: ("domain", h) for n, h in DRILL_METRICS.items()},
            **{n: ("repository", h) for n, h in REPOSITORY_METRICS.items()}}
 
 Samples = dict[tuple[str, str], float]
@@ -151,6 +159,17 @@ def record_backup(path: str, result: dict[str, Any] | None,
     new, drop = backup_samples(result, failure, time.time() if now is None else now)
     if new:
         update(path, new, drop)
+
+
+def record_drill(path: str, result: dict[str, Any], now: float | None = None) -> None:
+    """Record one restore drill's outcome (backupkit drill)."""
+    d = str(result["domain"])
+    new: Samples = {("backupkit_drill_last_timestamp_seconds", d): time.time()
+                    if now is None else now,
+                    ("backupkit_drill_last_result", d): float(bool(result["passed"]))}
+    if result["passed"] and result.get("seconds_to_agent") is not None:
+        new[("backupkit_drill_seconds_to_agent", d)] = float(result["seconds_to_agent"])
+    update(path, new)
 
 
 def repository_stats(repo: Any) -> dict[str, int]:

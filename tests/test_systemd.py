@@ -56,7 +56,8 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
 
 def test_unit_set() -> None:
     names = {p.name for p in UNITS.iterdir()}
-    assert names == {f"backupkit-{n}.{t}" for n in ("backup@", "backup-all", "prune", "verify")
+    assert names == {f"backupkit-{n}.{t}" for n in ("backup@", "backup-all", "prune", "verify",
+                                                    "drill@")
                      for t in ("service", "timer")}
     for timer in TIMERS:
         assert (UNITS / timer.name.replace(".timer", ".service")).exists()
@@ -169,6 +170,9 @@ def test_execstart_commands() -> None:
     (verify,) = argvs["backupkit-verify.service"]
     args = cli.build_parser().parse_args(verify[1:])
     assert args.command == "verify" and args.data is None, "[verify] data decides"
+    (drill,) = argvs["backupkit-drill@.service"]
+    args = cli.build_parser().parse_args(drill[1:])
+    assert args.command == "drill" and args.domain == DOMAIN and args.backup == "latest"
 
 
 @pytest.mark.parametrize("name", ["vm-1", "web.example.com", "a b", "-dash"])
@@ -216,7 +220,7 @@ def test_timer_semantics(timer: Path) -> None:
     assert t["Persistent"] == ["true"]
     assert t["RandomizedDelaySec"] and t["OnCalendar"]
     assert u["Install"]["WantedBy"] == ["timers.target"]
-    if "verify" in timer.name:
+    if "verify" in timer.name or "drill" in timer.name:
         assert t["OnCalendar"][0].split()[0] in ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat",
                                                  "Sun", "weekly")
     else:
@@ -233,7 +237,8 @@ def test_calendars_are_nightly_and_weekly() -> None:
         assert len(runs) >= 3, cp.stdout
         days = [date.fromisoformat(d) for d in runs[-3:]]
         gap = (days[1] - days[0]).days
-        assert gap == (7 if "verify" in timer.name else 1), (timer.name, cp.stdout)
+        weekly = "verify" in timer.name or "drill" in timer.name
+        assert gap == (7 if weekly else 1), (timer.name, cp.stdout)
 
 
 def _install(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

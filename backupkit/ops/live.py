@@ -107,9 +107,14 @@ def _start_server(repo: Repository, doc: dict[str, Any]) -> None:
 def live_restore(repo: Repository, repo_location: str, config_path: str | None, domain: str,
                  backup: str, target_dir: str, define: str, *, disks: tuple[str, ...] = (),
                  connect: str = "qemu:///system", detach: bool = False, bandwidth: int = 0,
-                 networks: bool = True, progress: Callable[[str, int], Progress | None]
-                 | None = None) -> dict[str, Any]:
-    """Restore live (see the module doc); resume if a live restore of define is under way."""
+                 networks: bool = True, pull: bool = True, console: str | None = None,
+                 progress: Callable[[str, int], Progress | None] | None = None
+                 ) -> dict[str, Any]:
+    """Restore live (see the module doc); resume if a live restore of define is under way.
+
+    Without pull the domain only runs from the export (a drill): no block pull
+    starts, the result comes at once, and abort() removes it all.
+    """
     from backupkit.virt.live import LiveDomain, live_domain_xml
 
     t0 = time.time()
@@ -156,18 +161,22 @@ def live_restore(repo: Repository, repo_location: str, config_path: str | None, 
                       str(rec.virtual_size)])
         xml = live_domain_xml(manifest.domain_xml, define,
                               {n: (p, doc["socket"], n) for n, p in overlays.items()},
-                              networks=networks)
+                              networks=networks, console=console)
         live.define_and_start(xml)
         doc["defined"] = True
         doc["seconds_to_start"] = round(time.time() - t0, 3)
         _save(doc)
         log.info("Domain %s started from %s/%s in %.1fs; copying its disks into %s",
                  define, manifest.domain, manifest.id, doc["seconds_to_start"], target_dir)
-        for n in overlays:
+        for n in overlays if pull else ():
             live.block_pull(n, bandwidth)
     except BaseException:
         abort(define, remove_files=True)
         raise
+    if not pull:
+        result = _result(doc, live)
+        result["state"] = "running"
+        return result
     if detach:
         return status(define)
     return wait(define, progress=progress)

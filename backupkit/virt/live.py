@@ -26,7 +26,8 @@ log = logging.getLogger("backupkit.virt")
 
 
 def live_domain_xml(domain_xml: str, new_name: str,
-                    disks: dict[str, tuple[str, str, str]], *, networks: bool = True) -> str:
+                    disks: dict[str, tuple[str, str, str]], *, networks: bool = True,
+                    console: str | None = None) -> str:
     """The restored domain's XML on overlays: ``disks``: target -> (overlay, socket, export).
 
     New name, UUID and MACs as for a plain restore; each overlay gets the NBD
@@ -58,6 +59,11 @@ def live_domain_xml(domain_xml: str, new_name: str,
     if not networks:
         for iface in devices.findall("interface"):
             devices.remove(iface)
+    if console is not None:
+        for dev in (*devices.findall("serial"), *devices.findall("console")):
+            log_src = dev.find("source")
+            if dev.get("type") == "file" and log_src is not None and log_src.get("path"):
+                log_src.set("path", console)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -143,6 +149,22 @@ class LiveDomain:
                                              name=self.name) or {}
                 out[t] = (int(info.get("cur", 0)), int(info.get("end", 0))) if info else None
         return out
+
+    def agent(self, execute: str, arguments: dict[str, Any] | None = None,
+              timeout: int = 5) -> Any:
+        """One guest-agent command; its "return" value (LibvirtError if the agent fails)."""
+        import json
+
+        import libvirt_qemu
+
+        cmd: dict[str, Any] = {"execute": execute}
+        if arguments is not None:
+            cmd["arguments"] = arguments
+        with connect(self.uri) as conn:
+            dom = conn.domain(self.name).raw
+            out = _call(f"guest agent {execute}", libvirt_qemu.qemuAgentCommand, dom,
+                        json.dumps(cmd), timeout, 0, name=self.name)
+        return json.loads(out).get("return")
 
     def redefine(self, xml: str) -> None:
         with connect(self.uri) as conn:
