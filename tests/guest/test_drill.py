@@ -1,8 +1,9 @@
-"""drill with the real Linux guest: a backup that boots passes; a damaged one fails with
-the reason; either way nothing is left behind."""
+"""drill and mount with the real Linux guest: a backup that boots passes; its files read
+back through mount; a damaged one fails with the reason; nothing is left behind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -59,6 +60,26 @@ def test_drill_passes_then_fails_on_damage_leaving_nothing(
     assert (repo_path / res["record"]).exists()
     assert f'backupkit_drill_last_result{{domain="{guest.name}"}} 1' in metrics.read_text()
     assert guest.agent("guest-ping") == {}  # the original is untouched
+
+    # File level: the backup's ext4 mounted read-only; every completed file the
+    # guest's writer listed in MANIFEST reads back with its checksum.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cp = run_cli(*base, "mount", guest.name, str(mnt))
+    assert cp.returncode == 0, cp.stderr
+    try:
+        (fs,) = json.loads(cp.stdout)["filesystems"]
+        assert fs["type"] == "ext4" and fs["path"] == str(mnt)
+        lines = (mnt / "MANIFEST").read_bytes().split(b"\n")[:-1]
+        assert len(lines) >= 3
+        for line in lines:
+            n, want = line.split()
+            got = hashlib.sha256((mnt / f"f{int(n)}").read_bytes()).hexdigest()
+            assert got == want.decode() == hashlib.sha256(
+                bkguest.expected_content(int(n))).hexdigest()
+    finally:
+        assert run_cli(*base, "umount", str(mnt)).returncode == 0
+    assert not os.path.ismount(mnt)
 
     # A check that fails: exit 1 with its exit code.
     cp = run_cli(*base, "drill", guest.name, "--timeout", "120", "--check", "/bin/false")
