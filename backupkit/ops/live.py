@@ -41,7 +41,7 @@ from backupkit.repo.names import check_name
 
 log = logging.getLogger("backupkit.live")
 
-RUN_DIR = "/run/backupkit"
+RUN_DIR = serve.RUN_DIR
 POLL = 0.2
 #: QEMU's unprivileged user on Debian (libvirt's build default; qemu.conf "user").
 QEMU_USERS = ("libvirt-qemu", "qemu")

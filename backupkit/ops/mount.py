@@ -36,7 +36,7 @@ from backupkit.repo import Repository
 
 log = logging.getLogger("backupkit.mount")
 
-RUN_DIR = "/run/backupkit"
+RUN_DIR = serve.RUN_DIR
 SECTOR = 512
 #: mount options per filesystem type: read-only, and never a journal replay.
 MOUNT_OPTIONS = {
