@@ -259,7 +259,7 @@ def wait(name: str, *, progress: Callable[[str, int], Progress | None] | None = 
             if stopped:
                 raise OperationFailed(
                     f"live restore into {name}: the copy of {', '.join(stopped)} stopped "
-                    f"before it was complete (the export died?); {_hint(doc)}")
+                    f"before it was complete ({_why_stopped(doc)}); {_hint(doc)}")
             continue
         if progress is not None:
             total = sum(j[1] for j in jobs.values() if j)
@@ -291,6 +291,22 @@ def _stopped(live: Any, doc: dict[str, Any], grace: float = 5.0) -> list[str] | 
         if not stopped or time.monotonic() > deadline:
             return stopped
         time.sleep(POLL)
+
+
+def _why_stopped(doc: dict[str, Any]) -> str:
+    """The export's last refused read (a damaged chunk), else whether the server died."""
+    try:
+        with open(doc["socket"] + ".log", "rb") as f:
+            lines = f.read()[-8192:].decode("utf-8", "replace").splitlines()
+    except OSError:
+        lines = []
+    refused = [line for line in lines if "EIO sent" in line]
+    if refused:
+        return f"the export refused a read: {refused[-1].strip()}"
+    pid = doc.get("server_pid")
+    if not pid or not serve.alive(int(pid)):
+        return "the export's server is not running"
+    return "see restore-status"
 
 
 def _hint(doc: dict[str, Any]) -> str:
@@ -362,6 +378,7 @@ def status(name: str) -> dict[str, Any]:
     result["state"] = "stalled" if stopped else "copying"
     if stopped:
         result["hint"] = _hint(doc)
+        result["reason"] = _why_stopped(doc)
     server = doc.get("server_pid")
     result["server_running"] = bool(server and serve.alive(int(server)))
     return result

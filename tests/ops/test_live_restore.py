@@ -136,6 +136,7 @@ def test_export_dying_mid_way_is_resumed_by_running_again(
         assert st["state"] == "copying" and time.monotonic() < deadline, st
         time.sleep(0.2)
     assert "again to resume" in st["hint"] and not st["server_running"]
+    assert st["reason"] == "the export's server is not running"
     cp = run_cli(*base, "restore-status", new)
     assert json.loads(cp.stdout)["state"] == "stalled"
     # the same command again: new server, pulls started again, then independent
