@@ -130,6 +130,9 @@ def build_parser() -> ArgumentParser:
 
     s = sub.add_parser("restore-status", help="progress of a live restore (finishes it when done)")
     s.add_argument("name", metavar="NEW_NAME")
+    s.add_argument("--abort", action="store_true",
+                   help="give the live restore up: destroy and undefine the domain, stop the "
+                        "server, remove the overlays")
     s.set_defaults(func=cmd_restore_status)
 
     s = sub.add_parser("serve", help="serve one backup's disk as a read-only NBD export")
@@ -463,6 +466,8 @@ def _restore_live(args: argparse.Namespace, cfg: config.Config, factory: Any) ->
 def cmd_restore_status(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import live
 
+    if args.abort:
+        return live.abort_command(args.name)
     return live.status(args.name)
 
 

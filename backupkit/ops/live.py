@@ -384,6 +384,18 @@ def status(name: str) -> dict[str, Any]:
     return result
 
 
+def abort_command(name: str) -> dict[str, Any]:
+    """restore-status --abort: undo a live restore that is under way (or stalled)."""
+    check_name("domain name", name)
+    doc = _load(name)
+    if doc is None:
+        raise NotFound("live restore", name, "none under way (finished, or never started)")
+    abort(name, remove_files=True)
+    log.info("Live restore into %s aborted: domain, server and overlays removed", name)
+    return {"domain": name, "source": doc["source"], "id": doc["id"], "state": "aborted",
+            "removed": sorted(doc["overlays"].values())}
+
+
 def abort(name: str, *, remove_files: bool) -> None:
     """Undo a live restore: the domain, the server, the state (and the overlays if asked)."""
     from backupkit.virt.live import LiveDomain

@@ -146,3 +146,24 @@ def test_export_dying_mid_way_is_resumed_by_running_again(
     res = json.loads(cp.stdout)
     assert res["state"] == "done" and res["domain_state"] == "running"
     _independent(libvirt_conn, new, target, refs)
+
+
+def test_abort_removes_domain_server_and_overlays(
+        make_domain: Callable[..., rig.TestDomain], libvirt_conn: Any, repo_path: Path,
+        tmp_path: Path, new_names: list[str]) -> None:
+    td, base, _refs = _backed_up(make_domain, tmp_path, repo_path)
+    new = f"{td.name}-live"
+    new_names.append(new)
+    target = tmp_path / "live"
+    repo = Repository.open(str(repo_path))
+    doc = live.live_restore(repo, str(repo_path), None, td.name, "latest", str(target), new,
+                            connect=rig.URI, detach=True, bandwidth=1 << 20)
+    assert doc["state"] == "copying"
+    cp = run_cli(*base, "restore-status", new, "--abort")
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["state"] == "aborted"
+    assert new not in [d.name() for d in libvirt_conn.listAllDomains(0)]
+    assert not serve.alive(doc["server_pid"])
+    assert list(target.iterdir()) == []
+    assert not os.path.exists(live.state_dir(new))
+    assert run_cli(*base, "restore-status", new, "--abort").returncode == errors.EXIT_NOT_FOUND
