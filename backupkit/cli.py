@@ -422,13 +422,20 @@ def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
             connect=_uri(args, cfg), progress=progress)
 
 
+def _passphrase_file(args: argparse.Namespace) -> str | None:
+    """An encrypted repository's --passphrase-file, for the nbdkit plugin to unlock it."""
+    value = getattr(args, "passphrase_file", None)
+    return str(value) if value else None
+
+
 def cmd_serve(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import serve
 
     location = _repo_path(args, cfg, args.domain)
     repo = _open_repo(args, cfg, args.domain)
     return serve.serve(repo, location, cfg.path, args.domain, args.backup, args.socket,
-                       disk=args.disk, background=args.background)
+                       disk=args.disk, background=args.background,
+                       passphrase_file=_passphrase_file(args))
 
 
 def cmd_mount(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -437,7 +444,7 @@ def cmd_mount(args: argparse.Namespace, cfg: config.Config) -> Any:
     location = _repo_path(args, cfg, args.domain)
     repo = _open_repo(args, cfg, args.domain)
     return mount.mount(repo, location, cfg.path, args.domain, args.backup, args.mountpoint,
-                       disk=args.disk)
+                       disk=args.disk, passphrase_file=_passphrase_file(args))
 
 
 def cmd_umount(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -460,7 +467,8 @@ def _restore_live(args: argparse.Namespace, cfg: config.Config, factory: Any) ->
     repo = _open_repo(args, cfg, args.domain)
     return live.live_restore(repo, location, cfg.path, args.domain, args.backup, args.target,
                              args.define, disks=tuple(args.disk), connect=_uri(args, cfg),
-                             detach=args.detach, progress=factory)
+                             detach=args.detach, progress=factory,
+                             passphrase_file=_passphrase_file(args))
 
 
 def cmd_restore_status(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -479,7 +487,8 @@ def cmd_drill(args: argparse.Namespace, cfg: config.Config) -> Any:
     result: dict[str, Any] | None = None
     try:
         result = drill.drill(repo, location, cfg.path, args.domain, args.backup,
-                             connect=_uri(args, cfg), timeout=args.timeout, check=args.check)
+                             connect=_uri(args, cfg), timeout=args.timeout, check=args.check,
+                             passphrase_file=_passphrase_file(args))
         return result
     except drill.DrillFailed as e:
         result = e.fields.get("result")

@@ -37,7 +37,8 @@ def config(key: str, value: str) -> None:
         paths = [p for p in value.split(":") if p and p not in sys.path]
         sys.path[:0] = paths
         return
-    if key not in ("pyversion", "repo", "config", "domain", "backup", "disk", "cache", "log"):
+    if key not in ("pyversion", "repo", "config", "domain", "backup", "disk", "cache", "log",
+                   "passphrase_file"):
         raise RuntimeError(f"unknown parameter {key!r}")
     _params[key] = value
 
@@ -56,12 +57,30 @@ def config_complete() -> None:
     from backupkit.repo.url import open_storage
 
     cfg = bkconfig.load(_params["config"]) if _params.get("config") else None
-    repo = Repository.open(open_storage(_params["repo"], cfg))
+    storage = open_storage(_params["repo"], cfg)
+    passphrase = _passphrase(cfg)
+    repo = (Repository.open(storage) if passphrase is None
+            else Repository.open(storage, passphrase))  # type: ignore[call-arg,unused-ignore]
     manifest = repo.get_manifest(_params["domain"], _params["backup"])
     # Held until nbdkit exits (the descriptor lives as long as the process).
     lock = repo.lock_shared(0.0)
     lock.__enter__()
     _state.update(repo=repo, manifest=manifest, lock=lock, readers={})
+
+
+def _passphrase(cfg: Any) -> Any:
+    """Where an encrypted repository's passphrase comes from, as the command had it:
+    passphrase_file= (its --passphrase-file), else what backupkit.repo.crypto looks at
+    ($BACKUPKIT_PASSPHRASE and the systemd credential, inherited; config
+    passphrase_file).  None where this backupkit has no encryption."""
+    import importlib
+
+    try:
+        crypto = importlib.import_module("backupkit.repo.crypto")
+    except ImportError:
+        return None
+    return crypto.Passphrase(file=_params.get("passphrase_file") or None,
+                             config_file=getattr(cfg, "passphrase_file", None))
 
 
 def _reader(disk: str) -> Any:

@@ -97,7 +97,7 @@ def _wait_agent(dom: Any, deadline: float, server_log: str) -> None:
 
 def drill(repo: Repository, repo_location: str, config_path: str | None, domain: str,
           backup: str, *, connect: str = "qemu:///system", timeout: float = DEFAULT_TIMEOUT,
-          check: str | None = None) -> dict[str, Any]:
+          check: str | None = None, passphrase_file: str | None = None) -> dict[str, Any]:
     """Boot a throwaway copy of the backup; the result (raises DrillFailed if it failed)."""
     from backupkit.virt.live import LiveDomain
 
@@ -121,7 +121,7 @@ def drill(repo: Repository, repo_location: str, config_path: str | None, domain:
         started = live.live_restore(
             repo, repo_location, config_path, manifest.domain, manifest.id,
             os.path.join(sdir, "disks"), name, connect=connect, networks=False, pull=False,
-            console=os.path.join(sdir, "console.log"))
+            console=os.path.join(sdir, "console.log"), passphrase_file=passphrase_file)
         result["seconds_to_start"] = started["seconds_to_start"]
         dom = LiveDomain(connect, name)
         _wait_agent(dom, deadline, os.path.join(sdir, "nbd.sock.log"))

@@ -99,7 +99,8 @@ def _start_server(repo: Repository, doc: dict[str, Any]) -> None:
     ids = qemu_ids()
     server, _res = serve.start(repo, doc["repo"], doc["config"], doc["source"], doc["id"],
                                doc["socket"], log_path=doc["socket"] + ".log", detach=True,
-                               socket_owner=ids, socket_mode=0o600)
+                               socket_owner=ids, socket_mode=0o600,
+                               passphrase_file=doc.get("passphrase_file"))
     doc["server_pid"] = server.pid
     _save(doc)
 
@@ -108,6 +109,7 @@ def live_restore(repo: Repository, repo_location: str, config_path: str | None, 
                  backup: str, target_dir: str, define: str, *, disks: tuple[str, ...] = (),
                  connect: str = "qemu:///system", detach: bool = False, bandwidth: int = 0,
                  networks: bool = True, pull: bool = True, console: str | None = None,
+                 passphrase_file: str | None = None,
                  progress: Callable[[str, int], Progress | None] | None = None
                  ) -> dict[str, Any]:
     """Restore live (see the module doc); resume if a live restore of define is under way.
@@ -148,6 +150,7 @@ def live_restore(repo: Repository, repo_location: str, config_path: str | None, 
     sdir = _run_dir(define)
     doc = {"name": define, "source": manifest.domain, "id": manifest.id, "connect": connect,
            "repo": repo_location, "config": config_path, "target": target_dir,
+           "passphrase_file": passphrase_file,
            "socket": os.path.join(sdir, "nbd.sock"), "overlays": overlays,
            "server_pid": None, "started_at": t0, "seconds_to_start": None, "defined": False}
     _save(doc)

@@ -163,7 +163,8 @@ def _wait_file(path: str, timeout: float, child: subprocess.Popen[bytes], log_pa
 
 
 def mount(repo: Repository, repo_location: str, config_path: str | None, domain: str,
-          backup: str, mountpoint: str, *, disk: str | None = None) -> dict[str, Any]:
+          backup: str, mountpoint: str, *, disk: str | None = None,
+          passphrase_file: str | None = None) -> dict[str, Any]:
     """Mount the filesystems of one disk of a backup read-only under mountpoint."""
     for tool in ("nbdfuse", "fusermount3", "sfdisk", "losetup", "blkid", "mount"):
         if shutil.which(tool) is None:
@@ -181,7 +182,8 @@ def mount(repo: Repository, repo_location: str, config_path: str | None, domain:
     state = _State(sdir)
     state.set(mountpoint=mountpoint)
     try:
-        return _mount(repo, repo_location, config_path, domain, backup, mountpoint, disk, state)
+        return _mount(repo, repo_location, config_path, domain, backup, mountpoint, disk, state,
+                      passphrase_file)
     except BaseException:
         try:
             _undo(state)
@@ -191,10 +193,12 @@ def mount(repo: Repository, repo_location: str, config_path: str | None, domain:
 
 
 def _mount(repo: Repository, repo_location: str, config_path: str | None, domain: str,
-           backup: str, mountpoint: str, disk: str | None, state: _State) -> dict[str, Any]:
+           backup: str, mountpoint: str, disk: str | None, state: _State,
+           passphrase_file: str | None) -> dict[str, Any]:
     sock = os.path.join(state.dir, "nbd.sock")
     server, res = serve.start(repo, repo_location, config_path, domain, backup, sock,
-                              disk=disk, log_path=sock + ".log", detach=True)
+                              disk=disk, log_path=sock + ".log", detach=True,
+                              passphrase_file=passphrase_file)
     state.set(server_pid=server.pid, socket=sock, domain=res["domain"], id=res["id"],
               disk=res["disk"])
     fuse = os.path.join(state.dir, "fuse")

@@ -221,7 +221,8 @@ def _pythonpath() -> str:
 
 def nbdkit_command(repo_location: str, config_path: str | None, manifest: Manifest,
                    disk: str, socket_path: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                   threads: int = 8, log_path: str | None = None) -> list[str]:
+                   threads: int = 8, log_path: str | None = None,
+                   passphrase_file: str | None = None) -> list[str]:
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise NotFound("program", "nbdkit", "install nbdkit and nbdkit-plugin-python")
@@ -240,6 +241,8 @@ def nbdkit_command(repo_location: str, config_path: str | None, manifest: Manife
     ]
     if log_path:
         cmd.append(f"log={log_path}")
+    if passphrase_file:  # an encrypted repository's --passphrase-file (the path, not the secret)
+        cmd.append(f"passphrase_file={os.path.abspath(passphrase_file)}")
     return cmd
 
 
@@ -337,7 +340,7 @@ def start(repo: Repository, repo_location: str, config_path: str | None, domain:
           backup: str, socket_path: str, *, disk: str | None = None,
           log_path: str | None = None, detach: bool = False,
           cache_bytes: int = DEFAULT_CACHE_BYTES, socket_mode: int = 0o600,
-          socket_owner: tuple[int, int] | None = None,
+          socket_owner: tuple[int, int] | None = None, passphrase_file: str | None = None,
           timeout: float = READY_TIMEOUT) -> tuple[Server, dict[str, Any]]:
     """Start nbdkit serving backup (id or "latest") of domain; return once the socket answers.
 
@@ -366,7 +369,8 @@ def start(repo: Repository, repo_location: str, config_path: str | None, domain:
     if "://" not in repo_location:
         repo_location = os.path.abspath(repo_location)  # nbdkit's daemon runs in /
     cmd = nbdkit_command(repo_location, config_path, manifest, name, socket_path,
-                         cache_bytes=cache_bytes, log_path=log_path)
+                         cache_bytes=cache_bytes, log_path=log_path,
+                         passphrase_file=passphrase_file)
     cmd[1:1] = ["--pidfile", pidfile]
     if detach:
         # nbdkit's own daemon mode: in --foreground it dies with its parent (it sets
@@ -436,14 +440,14 @@ def start(repo: Repository, repo_location: str, config_path: str | None, domain:
 
 def serve(repo: Repository, repo_location: str, config_path: str | None, domain: str,
           backup: str, socket_path: str, *, disk: str | None = None, background: bool = False,
-          cache_bytes: int = DEFAULT_CACHE_BYTES,
+          cache_bytes: int = DEFAULT_CACHE_BYTES, passphrase_file: str | None = None,
           on_ready: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
     """The serve command: in the background return once the socket answers; in the
     foreground serve until interrupted (SIGINT/SIGTERM), then stop the server."""
     log_path = os.path.abspath(socket_path) + ".log" if background else None
     server, result = start(repo, repo_location, config_path, domain, backup, socket_path,
                            disk=disk, log_path=log_path, detach=background,
-                           cache_bytes=cache_bytes)
+                           cache_bytes=cache_bytes, passphrase_file=passphrase_file)
     if background:
         result["background"] = True
         return result
