@@ -204,6 +204,9 @@ def _resume(repo: Repository, doc: dict[str, Any], live: Any, *, detach: bool,
         if state == "paused":
             log.info("Resuming %s (paused: %s)", doc["name"], why)
             live.resume()
+        elif state in ("shut off", "crashed"):
+            log.info("Starting %s again (%s)", doc["name"], state)
+            live.start()
         _pull_again(live, doc, sorted(pending), bandwidth)
     if detach:
         return status(doc["name"])
@@ -298,6 +301,11 @@ def _stopped(live: Any, doc: dict[str, Any], grace: float = 5.0) -> list[str] | 
 
 def _why_stopped(doc: dict[str, Any]) -> str:
     """The export's last refused read (a damaged chunk), else whether the server died."""
+    from backupkit.virt.live import LiveDomain
+
+    state, _why = LiveDomain(doc["connect"], doc["name"]).state()
+    if state in ("shut off", "crashed"):
+        return f"the domain is {state}"
     try:
         with open(doc["socket"] + ".log", "rb") as f:
             lines = f.read()[-8192:].decode("utf-8", "replace").splitlines()

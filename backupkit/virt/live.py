@@ -139,11 +139,18 @@ class LiveDomain:
             _call(f"blockPull {target}", conn.domain(self.name).raw.blockPull, target,
                   bandwidth, flags, name=self.name)
 
+    def start(self) -> None:
+        with connect(self.uri) as conn:
+            _call("start domain", conn.domain(self.name).raw.create, name=self.name)
+
     def jobs(self, targets: list[str]) -> dict[str, tuple[int, int] | None]:
-        """Per target, (cur, end) of its running block job, or None when it has none."""
+        """Per target, (cur, end) of its running block job, or None when it has none
+        (all None when the domain is not running)."""
         out: dict[str, tuple[int, int] | None] = {}
         with connect(self.uri) as conn:
             dom = conn.domain(self.name).raw
+            if not dom.isActive():
+                return dict.fromkeys(targets)
             for t in targets:
                 info: dict[str, Any] = _call(f"blockJobInfo {t}", dom.blockJobInfo, t, 0,
                                              name=self.name) or {}
