@@ -174,3 +174,24 @@ def test_nothing_to_mount_fails_clearly_and_leaves_nothing(repo: Repository,
     assert cp.returncode == errors.EXIT_FAILED
     assert "nothing to mount" in cp.stderr and "no filesystem found" in cp.stderr
     _nothing_left(mnt, mount.state_dir(str(mnt)))
+
+
+@pytest.mark.skipif(shutil.which("pvcreate") is None, reason="lvm2 not installed")
+def test_lvm_inside_the_guest_is_named_as_not_yet_supported(repo: Repository,
+                                                            tmp_path: Path) -> None:
+    disk = write_image(tmp_path / "pv.raw", 16 * MiB)
+    dev = subprocess.run(["losetup", "--find", "--show", disk], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        subprocess.run(["pvcreate", "-ff", "-y", "--config",
+                        "devices { obtain_device_list_from_udev=0 }", dev],
+                       check=True, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+    make_backup(repo, "vm1", {"vda": disk}, now=at(2026, 3, 4))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cp = run_cli("--repo", str(tmp_path / "repo"), "mount", "vm1", "latest", str(mnt))
+    assert cp.returncode == errors.EXIT_FAILED
+    assert "LVM" in cp.stderr and "may come later" in cp.stderr, cp.stderr
+    _nothing_left(mnt, mount.state_dir(str(mnt)))
