@@ -7,6 +7,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 APT_PACKAGES=(
+  python3-venv python3-dev gcc          # the venv; libvirt-python and ovirt-imageio build from source
   qemu-utils qemu-system-x86            # qemu-img, qemu-nbd, KVM/TCG domains
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev pkg-config                # to build libvirt-python
