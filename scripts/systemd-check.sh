@@ -246,7 +246,7 @@ ok "domains: $RUN running ($virt, QEMU as $(inside "ps -o user= -C qemu-system-x
 
 # --- Every shipped service ------------------------------------------------------------
 unit_state() {  # "ActiveState Result ExecMainStatus" of a unit
-  inside "systemctl show -P ActiveState $1; systemctl show -P Result $1; systemctl show -P ExecMainStatus $1" |
+  inside "systemctl show -P ActiveState '$1'; systemctl show -P Result '$1'; systemctl show -P ExecMainStatus '$1'" |
     tr '\n' ' ' | sed 's/ $//'
 }
 errors_logged() { inside 'journalctl -q -t backupkit -p err --no-pager' | wc -l; }
