@@ -250,7 +250,10 @@ unit_state() {  # "ActiveState Result ExecMainStatus" of a unit
     tr '\n' ' ' | sed 's/ $//'
 }
 errors_logged() { inside 'journalctl -q -t backupkit -p err --no-pager' | wc -l; }
-err_tail() { inside "journalctl -q -t backupkit -n ${1:-5} --no-pager -o cat" 2>/dev/null | sed 's/^/    /' >&2; }
+unit_log() {  # the last $2 log lines of the latest run of unit $1, indented
+  inside "journalctl -q --no-pager -o cat -n ${2:-6} _SYSTEMD_INVOCATION_ID=\$(systemctl show -P InvocationID '$1')" \
+    2>/dev/null | sed 's/^/    /' >&2
+}
 backups() {  # number of backups of domain $1 in the repository
   inside "backupkit --json list $1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["backups"]))'
 }
@@ -262,8 +265,8 @@ service() {  # service UNIT WHAT: start a oneshot unit, check it succeeded
     ok "$u: $2"
     return 0
   fi
-  bad "$u" "systemctl start exited $rc, unit $st (ActiveState Result ExecMainStatus); last log lines:"
-  err_tail 6
+  bad "$u" "systemctl start exited $rc, unit $st (ActiveState Result ExecMainStatus), its log:"
+  unit_log "$u"
   return 1
 }
 esc_run=$(inside "systemd-escape $RUN") esc_off=$(inside "systemd-escape $OFF")
@@ -340,8 +343,8 @@ for _ in $(seq 1 300); do
 done
 inside "rm -f '/run/systemd/system/$u.d/zz-systemd-check-fault.conf'; systemctl daemon-reload"
 if [ "$pstate" != T ]; then
-  bad "stop: the backup never reached mid-data (unit $(unit_state "$u")); last log lines:"
-  err_tail 4
+  bad "stop: the backup never reached mid-data" "unit $(unit_state "$u"), its log:"
+  unit_log "$u" 4
 else
   job=$(inside "virsh domjobinfo $RUN | awk -F': *' '/^Operation/ {print \$2}'")
   scratch_files=$(inside "find $SCRATCH -mindepth 1 | wc -l")
