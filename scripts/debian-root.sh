@@ -11,7 +11,8 @@
 #   droot_kvm_node PATH MODE GROUP a private /dev/kvm node (mknod) for the root
 #   droot_run ROOT CMD...          run CMD inside ROOT in its own PID and mount
 #                                  namespace (pivot_root, not chroot)
-#   droot_argv ROOT CMD...         the same command as an array (to run it with &)
+#   droot_argv ROOT CMD...         the same command as an array
+#   droot_wait CMD...              run CMD so that a trap runs at once (droot_stop_job)
 #   droot_remove DIR               remove a work directory (refuses while mounted)
 #
 # What "fresh" means: `debootstrap --variant=minbase bookworm` from the Debian mirror
@@ -270,5 +271,25 @@ droot_argv() {
     env -i --default-signal "${envs[@]}" "$@")
 }
 
-# droot_run ROOT CMD...: the same, in the foreground.
-droot_run() { droot_argv "$@"; "${DROOT_ARGV[@]}"; }
+# droot_run ROOT CMD...: run that command and return its status.
+droot_run() { droot_argv "$@"; droot_wait "${DROOT_ARGV[@]}"; }
+
+# droot_wait CMD...: run CMD and return its status, in the background with `wait`, so
+# that a signal to the calling script runs its trap at once rather than after CMD;
+# the trap calls droot_stop_job to end CMD.
+DROOT_JOB=
+droot_wait() {
+  local rc=0
+  "$@" &
+  DROOT_JOB=$!
+  wait "$DROOT_JOB" || rc=$?
+  DROOT_JOB=
+  return "$rc"
+}
+droot_stop_job() {
+  if [ -n "$DROOT_JOB" ] && kill -0 "$DROOT_JOB" 2>/dev/null; then
+    kill -TERM "$DROOT_JOB" 2>/dev/null || true  # unshare: its namespace dies with it
+    wait "$DROOT_JOB" 2>/dev/null || true
+  fi
+  DROOT_JOB=
+}

@@ -64,14 +64,11 @@ if [ -n "$(git -C "$here" status --porcelain --untracked-files=no)" ]; then
 fi
 droot_host_packages debootstrap zstd
 
-WORK= job=
+WORK=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [ -n "$job" ] && kill -0 "$job" 2>/dev/null; then
-    kill -TERM "$job" 2>/dev/null || true   # timeout -> unshare; the namespace dies with it
-    wait "$job" 2>/dev/null || true
-  fi
+  droot_stop_job
   if [ -n "$WORK" ]; then
     if [ "$keep" = 1 ]; then
       droot_say "kept the root: $WORK/root (remove with: rm -rf --one-file-system $WORK)"
@@ -116,11 +113,7 @@ for cmd in "bash scripts/demo.sh" "bash scripts/test.sh"; do
 done'
 
 t=$SECONDS
-DROOT_TIMEOUT=$limit droot_argv "$ROOT" bash -c "$inner"
-"${DROOT_ARGV[@]}" &   # in the background: a signal to this script is handled at once
-job=$!
-rc=0; wait "$job" || rc=$?
-job=
+rc=0; DROOT_TIMEOUT=$limit droot_run "$ROOT" bash -c "$inner" || rc=$?
 droot_took "$t" "the README's commands"
 if [ "$rc" = 124 ]; then
   droot_say "FAILED: timed out after $limit s (--timeout)"

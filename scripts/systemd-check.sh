@@ -102,6 +102,7 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
+  droot_stop_job
   poweroff
   if [ -n "$WORK" ]; then
     if [ "$keep" = 1 ]; then
@@ -168,7 +169,7 @@ echo "$CPID" >"$WORK/container.pid"
 inside() {
   local secs=120
   if [ $# -gt 1 ]; then secs=$1; shift; fi
-  timeout --kill-after=5 "$secs" nsenter -t "$CPID" --all -r -w \
+  droot_wait timeout --kill-after=5 "$secs" nsenter -t "$CPID" --all -r -w \
     env -i --default-signal PATH="$DROOT_PATH" HOME=/root LANG=C.UTF-8 \
     bash -c "set -euo pipefail; cd /; $1"
 }
