@@ -158,8 +158,10 @@ droot_pristine() {
   droot_took "$t" "installing ${DROOT_BASE_PACKAGES[*]}"
   if [ "$use_cache" = 1 ]; then
     rm -f "$DROOT_CACHE_DIR/$DROOT_SUITE"-minbase-*.tar.zst
-    tar -C "$root" --numeric-owner --xattrs --acls -cf - . | zstd -q -T0 -3 >"$tarball.tmp" &&
-      mv "$tarball.tmp" "$tarball" || { rm -f "$tarball.tmp"; droot_die "writing $tarball failed"; }
+    if ! { tar -C "$root" --numeric-owner --xattrs --acls -cf - . | zstd -q -T0 -3 >"$tarball.tmp" &&
+           mv "$tarball.tmp" "$tarball"; }; then
+      rm -f "$tarball.tmp"; droot_die "writing $tarball failed"
+    fi
     droot_say "cached the pristine root as $tarball"
   fi
   exec {lock}>&-
@@ -182,7 +184,7 @@ droot_pip_files() {
 droot_pip_paths() {
   local f
   droot_pip_files | while read -r f; do
-    sed -n 's/^[^#;[][^=]*=\(.*\)$/\1/p' "$f" | tr ' \t' '\n\n' | sed -n 's|^\(file://\)\{0,1\}\(/.*\)$|\2|p'
+    sed -n 's/^[^#;[][^=]*=\(.*\)$/\1/p' "$f" | tr '[:blank:]' '\n' | sed -n 's|^\(file://\)\{0,1\}\(/.*\)$|\2|p'
   done | sed 's|\(.\)/$|\1|' | sort -u
 }
 

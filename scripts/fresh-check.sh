@@ -35,13 +35,14 @@
 # interrupted; one left by a killed run is removed by the next run.  Safe to run
 # again, and next to other work: the root gets its own /dev/kvm node, so the host's
 # node is never changed.
+# shellcheck disable=SC2317  # the trap handlers are reachable
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 DROOT_TAG=fresh-check
 # shellcheck source=scripts/debian-root.sh
 . "$here/scripts/debian-root.sh"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;/^# shellcheck/d;s/^# \{0,1\}//;p}' "$0"; }
 keep=0 use_cache=1 limit=1500
 while [ $# -gt 0 ]; do
   case $1 in
