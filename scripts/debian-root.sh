@@ -8,6 +8,8 @@
 #                                  (removes stale ones of dead runs first)
 #   droot_create ROOT [--no-cache] a fresh Debian 12 root at ROOT, set up as a fresh
 #                                  machine on this network would be (below)
+#   droot_commit CHECKOUT          its HEAD (and a note if it has uncommitted changes)
+#   droot_clone CHECKOUT COMMIT ROOT DIR   git clone it into ROOT/DIR, check the commit
 #   droot_kvm_node PATH MODE GROUP a private /dev/kvm node (mknod) for the root
 #   droot_run ROOT CMD...          run CMD inside ROOT in its own PID and mount
 #                                  namespace (pivot_root, not chroot)
@@ -216,6 +218,26 @@ droot_create() {
       mkdir -p "$root$(dirname "$p")"; cp "$p" "$root$p"    # e.g. a constraints file
     fi
   done < <(droot_pip_paths)
+}
+
+# The commit droot_clone will take from checkout $1 (HEAD); says so when the working
+# tree has uncommitted changes, which are not part of it.
+droot_commit() {
+  local commit
+  commit=$(git -C "$1" rev-parse HEAD)
+  if [ -n "$(git -C "$1" status --porcelain --untracked-files=no)" ]; then
+    droot_say "note: uncommitted changes in $1 are NOT checked (this clones commit ${commit:0:12})"
+  fi
+  printf '%s\n' "$commit"
+}
+
+# droot_clone CHECKOUT COMMIT ROOT DIR: `git clone` of the checkout into DIR inside ROOT,
+# which must come out at COMMIT.
+droot_clone() {
+  git clone -q "$1" "$3$4" || droot_die "git clone $1 failed"
+  [ "$(git -C "$3$4" rev-parse HEAD)" = "$2" ] ||
+    droot_die "the clone of $1 is not at ${2:0:12} (did HEAD move during the check?)"
+  droot_say "cloned $1 at ${2:0:12} into $4"
 }
 
 # A private /dev/kvm node at $1 (mode $2, group $3 as a number or a name of the host),

@@ -58,11 +58,10 @@ done
 case $limit in ''|*[!0-9]*) echo "fresh-check: --timeout needs a number of seconds" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "fresh-check: run as root (debootstrap, namespaces)" >&2; exit 2; }
 
+# Where the project is cloned inside: where `git clone` as root puts it.
+SRC=/root/backupkit
 start=$SECONDS
-commit=$(git -C "$here" rev-parse HEAD)
-if [ -n "$(git -C "$here" status --porcelain --untracked-files=no)" ]; then
-  droot_say "note: uncommitted changes in $here are NOT checked (this clones commit ${commit:0:12})"
-fi
+commit=$(droot_commit "$here")
 droot_host_packages debootstrap zstd
 
 WORK=
@@ -89,10 +88,7 @@ t=$SECONDS
 droot_create "$ROOT" "$use_cache"
 droot_took "$t" "the fresh root (with this network's settings)"
 
-git clone -q "$here" "$ROOT/root/backupkit"
-[ "$(git -C "$ROOT/root/backupkit" rev-parse HEAD)" = "$commit" ] ||
-  droot_die "the clone is not at $commit"
-droot_say "cloned $here at ${commit:0:12} into /root/backupkit"
+droot_clone "$here" "$commit" "$ROOT" "$SRC"
 
 # The kernel's node as it is before udev runs (root:root 0600): the README's commands
 # give it the kvm group themselves (scripts/start-libvirtd.sh), as udev would.
@@ -101,7 +97,7 @@ if droot_kvm_node "$WORK/kvm" 0600 0; then DROOT_KVM=$WORK/kvm; fi
 
 # Runs inside the root: the README's commands, exactly as written, in order.
 # shellcheck disable=SC2016
-inner='cd /root/backupkit
+inner='cd "$1"
 for cmd in "bash scripts/demo.sh" "bash scripts/test.sh"; do
   printf "\n== fresh-check: %s\n" "$cmd" >&2
   t=$SECONDS
@@ -114,7 +110,7 @@ for cmd in "bash scripts/demo.sh" "bash scripts/test.sh"; do
 done'
 
 t=$SECONDS
-rc=0; DROOT_TIMEOUT=$limit droot_run "$ROOT" bash -c "$inner" || rc=$?
+rc=0; DROOT_TIMEOUT=$limit droot_run "$ROOT" bash -c "$inner" fresh-check "$SRC" || rc=$?
 droot_took "$t" "the README's commands"
 if [ "$rc" = 124 ]; then
   droot_say "FAILED: timed out after $limit s (--timeout)"

@@ -72,11 +72,9 @@ STOCK_PACKAGES=(dbus systemd-sysv libvirt-daemon-system libvirt-daemon-driver-qe
 RUN=bkc-run OFF=bkc-off MISSING=bkc-missing     # dashes: systemd-escape matters
 IMAGES=/var/lib/libvirt/images
 SCRATCH=/var/lib/backupkit/scratch              # scratch_dir of the installed config
+SRC=/root/backupkit                             # the clone: the operator's source tree
 start=$SECONDS
-commit=$(git -C "$here" rev-parse HEAD)
-if [ -n "$(git -C "$here" status --porcelain --untracked-files=no)" ]; then
-  droot_say "note: uncommitted changes in $here are NOT checked (this clones commit ${commit:0:12})"
-fi
+commit=$(droot_commit "$here")
 droot_host_packages debootstrap zstd systemd-container
 
 WORK='' NSPAWN='' CPID='' WATCHDOG=''
@@ -136,8 +134,7 @@ droot_run "$ROOT" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive ap
     --no-install-recommends ${STOCK_PACKAGES[*]} >/dev/null" ||
   droot_die "installing ${STOCK_PACKAGES[*]} in the root failed"
 droot_took "$t" "installing ${STOCK_PACKAGES[*]}"
-git clone -q "$here" "$ROOT/root/backupkit"
-[ "$(git -C "$ROOT/root/backupkit" rev-parse HEAD)" = "$commit" ] || droot_die "the clone is not at $commit"
+droot_clone "$here" "$commit" "$ROOT" "$SRC"
 
 # /dev/kvm as udev makes it on a stock host (root:kvm 0660, the root's kvm group), a
 # node of our own: nspawn's --bind of the host's node would let the container change it.
@@ -199,7 +196,7 @@ install_block=$(doc_block Install) enable_block=$(doc_block Enable)
 [ -n "$install_block" ] && [ -n "$enable_block" ] ||
   droot_die "docs/operations.md has no code block under '## Install' or '## Enable'"
 t=$SECONDS
-if inside 400 "cd /root/backupkit; export DEBIAN_FRONTEND=noninteractive; set -x
+if inside 400 "cd $SRC; export DEBIAN_FRONTEND=noninteractive; set -x
 $install_block" >"$WORK/install.log" 2>&1; then
   ok "installed as docs/operations.md says ($((SECONDS - t)) s)"
 else
@@ -256,18 +253,25 @@ unit_state() {  # "ActiveState Result ExecMainStatus" of a unit
     tr '\n' ' ' | sed 's/ $//'
 }
 errors_logged() { inside 'journalctl -q -t backupkit -p err --no-pager' | wc -l; }
-run_log() {  # the log of the latest run of unit $1 at priority $2 or more urgent
-  inside "journalctl -q --no-pager -o cat -p $2 _SYSTEMD_INVOCATION_ID=\$(systemctl show -P InvocationID '$1')"
+# The journal of a unit's latest run: entries of that unit after the journal's end as it
+# was just before the run started (mark).  A oneshot unit that succeeded is unloaded
+# again at once, so its InvocationID cannot be asked for afterwards.
+declare -A MARK=()
+mark() { MARK[$1]=$(inside "journalctl -q -n 1 -o export | sed -n 's/^__CURSOR=//p'"); }
+run_log() {  # run_log UNIT PRIORITY [JOURNALCTL OPTION...]: its latest run's lines
+  local after=''
+  if [ -n "${MARK[$1]:-}" ]; then after="--after-cursor='${MARK[$1]}'"; fi
+  inside "journalctl -q --no-pager -o cat $after -u '$1' -p $2 ${*:3}"
 }
-unit_log() {  # the last $2 log lines of the latest run of unit $1, indented
-  inside "journalctl -q --no-pager -o cat -n ${2:-6} _SYSTEMD_INVOCATION_ID=\$(systemctl show -P InvocationID '$1')" \
-    2>/dev/null | sed 's/^/    /' >&2
+unit_log() {  # unit_log UNIT [N]: the last N lines of its latest run, indented, to stderr
+  run_log "$1" debug -n "${2:-6}" 2>/dev/null | sed 's/^/    /' >&2
 }
 backups() {  # number of backups of domain $1 in the repository
   inside "backupkit --json list $1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["backups"]))'
 }
 service() {  # service UNIT WHAT: start a oneshot unit, check it succeeded
   local u=$1 st rc=0
+  mark "$u"
   inside 300 "systemctl start '$u'" 2>/dev/null || rc=$?
   st=$(unit_state "$u")
   if [ "$rc" = 0 ] && [ "${st% *}" = "inactive success" ]; then
@@ -309,6 +313,7 @@ n=$(errors_logged)
   bad "no info-level lines from the services under -t backupkit"
 
 # A failing run: a domain that does not exist (exit 4) fails its unit and logs at err.
+mark "backupkit-backup@$esc_missing.service"
 rc=0; inside "systemctl start 'backupkit-backup@$esc_missing.service'" 2>/dev/null || rc=$?
 st=$(unit_state "backupkit-backup@$esc_missing.service")
 [ "$rc" != 0 ] && [ "$st" = "failed exit-code 4" ] &&
@@ -342,6 +347,7 @@ u="backupkit-backup@$esc_run.service"
 guest_write "$RUN" 24M 8M 0x44             # an incremental of 8 chunks: mid_data comes
 cps_before=$(inside "virsh -q checkpoint-list $RUN --name | sort | tr '\n' ' '")
 n_before=$(backups "$RUN")
+mark "$u"
 inside "mkdir -p '/run/systemd/system/$u.d'
 printf '[Service]\nEnvironment=BACKUPKIT_FAULT_POINT=mid_data BACKUPKIT_FAULT_ACTION=stop\n' \
   >'/run/systemd/system/$u.d/zz-systemd-check-fault.conf'
