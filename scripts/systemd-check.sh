@@ -258,10 +258,10 @@ errors_logged() { inside 'journalctl -q -t backupkit -p err --no-pager' | wc -l;
 # again at once, so its InvocationID cannot be asked for afterwards.
 declare -A MARK=()
 mark() { MARK[$1]=$(inside "journalctl -q -n 1 -o export | sed -n 's/^__CURSOR=//p'"); }
-run_log() {  # run_log UNIT PRIORITY [JOURNALCTL OPTION...]: its latest run's lines
+run_log() {  # run_log UNIT PRIORITY [JOURNALCTL OPTION...]: its latest run's own lines
   local after=''
   if [ -n "${MARK[$1]:-}" ]; then after="--after-cursor='${MARK[$1]}'"; fi
-  inside "journalctl -q --no-pager -o cat $after -u '$1' -p $2 ${*:3}"
+  inside "journalctl -q --no-pager -o cat $after _SYSTEMD_UNIT='$1' -p $2 ${*:3}"
 }
 unit_log() {  # unit_log UNIT [N]: the last N lines of its latest run, indented, to stderr
   run_log "$1" debug -n "${2:-6}" 2>/dev/null | sed 's/^/    /' >&2
