@@ -252,16 +252,23 @@ unit_state() {  # "ActiveState Result ExecMainStatus" of a unit
   inside "systemctl show -P ActiveState '$1'; systemctl show -P Result '$1'; systemctl show -P ExecMainStatus '$1'" |
     tr '\n' ' ' | sed 's/ $//'
 }
-errors_logged() { inside 'journalctl -q -t backupkit -p err --no-pager' | wc -l; }
+errors_logged() { inside 'journalctl --sync; journalctl -q -t backupkit -p err --no-pager' | wc -l; }
 # The journal of a unit's latest run: entries of that unit after the journal's end as it
 # was just before the run started (mark).  A oneshot unit that succeeded is unloaded
 # again at once, so its InvocationID cannot be asked for afterwards.
 declare -A MARK=()
 mark() { MARK[$1]=$(inside "journalctl -q -n 1 -o export | sed -n 's/^__CURSOR=//p'"); }
 run_log() {  # run_log UNIT PRIORITY [JOURNALCTL OPTION...]: its latest run's own lines
-  local after=''
+  # journald reads a finished service's output asynchronously: read until two reads agree.
+  local after='' prev='' cur='' _
   if [ -n "${MARK[$1]:-}" ]; then after="--after-cursor='${MARK[$1]}'"; fi
-  inside "journalctl -q --no-pager -o cat $after _SYSTEMD_UNIT='$1' -p $2 ${*:3}"
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    cur=$(inside "journalctl --sync; journalctl -q --no-pager -o cat $after _SYSTEMD_UNIT='$1' -p $2 ${*:3}")
+    if [ -n "$cur" ] && [ "$cur" = "$prev" ]; then break; fi
+    prev=$cur
+    sleep 0.3
+  done
+  if [ -n "$cur" ]; then printf '%s\n' "$cur"; fi
 }
 unit_log() {  # unit_log UNIT [N]: the last N lines of its latest run, indented, to stderr
   run_log "$1" debug -n "${2:-6}" 2>/dev/null | sed 's/^/    /' >&2
