@@ -258,12 +258,21 @@ errors_logged() { inside 'journalctl --sync; journalctl -q -t backupkit -p err -
 # again at once, so its InvocationID cannot be asked for afterwards.
 declare -A MARK=()
 mark() { MARK[$1]=$(inside "journalctl -q -n 1 -o export | sed -n 's/^__CURSOR=//p'"); }
-run_log() {  # run_log UNIT PRIORITY [JOURNALCTL OPTION...]: its latest run's own lines
-  # journald reads a finished service's output asynchronously: read until two reads agree.
+run_log() {  # run_log UNIT PRIORITY(0-7): the lines its latest run logged at PRIORITY or below
+  # Filtered here, not by journalctl: `--after-cursor` with a match skips the first
+  # matching entry (systemd 252).  journald reads a finished service's output
+  # asynchronously: read until two reads agree.
   local after='' prev='' cur='' _
   if [ -n "${MARK[$1]:-}" ]; then after="--after-cursor='${MARK[$1]}'"; fi
   for _ in 1 2 3 4 5 6 7 8 9 10; do
-    cur=$(inside "journalctl --sync; journalctl -q --no-pager -o cat $after _SYSTEMD_UNIT='$1' -p $2 ${*:3}")
+    cur=$(inside "journalctl --sync; journalctl -q --no-pager -o json $after" | python3 -c '
+import json, sys
+unit, prio = sys.argv[1], int(sys.argv[2])
+for line in sys.stdin:
+    e = json.loads(line)
+    if e.get("_SYSTEMD_UNIT") == unit and int(e.get("PRIORITY", 6)) <= prio:
+        m = e.get("MESSAGE", "")
+        print(m if isinstance(m, str) else bytes(m or []).decode(errors="replace"))' "$1" "$2")
     if [ -n "$cur" ] && [ "$cur" = "$prev" ]; then break; fi
     prev=$cur
     sleep 0.3
@@ -271,7 +280,7 @@ run_log() {  # run_log UNIT PRIORITY [JOURNALCTL OPTION...]: its latest run's ow
   if [ -n "$cur" ]; then printf '%s\n' "$cur"; fi
 }
 unit_log() {  # unit_log UNIT [N]: the last N lines of its latest run, indented, to stderr
-  run_log "$1" debug -n "${2:-6}" 2>/dev/null | sed 's/^/    /' >&2
+  run_log "$1" 7 2>/dev/null | tail -n "${2:-6}" | sed 's/^/    /' >&2
 }
 backups() {  # number of backups of domain $1 in the repository
   inside "backupkit --json list $1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["backups"]))'
@@ -303,10 +312,10 @@ if service "backupkit-backup@$esc_run.service" "backed up $RUN (instance $esc_ru
   [ "$mode" = incremental ] && ok "backupkit-backup@: the second backup of $RUN is incremental" ||
     bad "backupkit-backup@: the second backup of $RUN is $mode, not incremental"
   # Operators read one line per backup; a multi-line summary at info is noise (issue 24).
-  n=$(run_log "backupkit-backup@$esc_run.service" info | wc -l)
+  n=$(run_log "backupkit-backup@$esc_run.service" 6 | wc -l)
   [ "$n" -le 3 ] && ok "backupkit-backup@: one backup logs $n lines (at most 3)" ||
     { bad "backupkit-backup@: one backup logs $n lines to the journal (want at most 3)"
-      run_log "backupkit-backup@$esc_run.service" info | head -4 | sed 's/^/    /' >&2; }
+      run_log "backupkit-backup@$esc_run.service" 6 | head -4 | sed 's/^/    /' >&2; }
 fi
 service backupkit-prune.service "pruned by the config's policy, then gc" || true
 service backupkit-verify.service "verified the repository" || true
@@ -327,7 +336,7 @@ st=$(unit_state "backupkit-backup@$esc_missing.service")
   ok "a backup of a missing domain fails its unit (exit 4)" ||
   bad "a backup of a missing domain: systemctl start exited $rc, unit $st (want failed exit-code 4)"
 # Every err line of that run names the domain (as backup --all does), and there is one.
-lines=$(run_log "backupkit-backup@$esc_missing.service" err)
+lines=$(run_log "backupkit-backup@$esc_missing.service" 3)
 if [ -n "$lines" ] && ! grep -vqF "$MISSING" <<<"$lines"; then
   ok "that failure is logged at err, naming the domain: $(head -1 <<<"$lines")"
 else
