@@ -40,8 +40,11 @@ DROOT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Read-only bind mounts droot_run makes (host path = path inside); filled by droot_create.
 DROOT_BINDS=()
 
-droot_say() { printf '%s: %s\n' "${DROOT_TAG:-debian-root}" "$*" >&2; }
-droot_die() { printf '%s: FAILED: %s\n' "${DROOT_TAG:-debian-root}" "$*" >&2; exit 1; }
+# Messages go to the script's own stderr even from a trap that runs while a command's
+# stderr is redirected to a log file.
+exec {DROOT_STDERR}>&2
+droot_say() { printf '%s: %s\n' "${DROOT_TAG:-debian-root}" "$*" >&"$DROOT_STDERR"; }
+droot_die() { printf '%s: FAILED: %s\n' "${DROOT_TAG:-debian-root}" "$*" >&"$DROOT_STDERR"; exit 1; }
 
 # Seconds since $1 (a value of $SECONDS), with the label $2: for the timing lines.
 droot_took() { droot_say "$2 took $((SECONDS - $1)) s"; }
@@ -120,7 +123,7 @@ droot_remove() {
   local d=$1
   [ -n "$d" ] && [ -d "$d" ] || return 0
   if droot_mounted "$d"; then
-    printf '%s: not removing %s: something is still mounted below it\n' "${DROOT_TAG:-debian-root}" "$d" >&2
+    droot_say "not removing $d: something is still mounted below it"
     return 1
   fi
   rm -rf --one-file-system -- "$d"
