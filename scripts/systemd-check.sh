@@ -82,10 +82,14 @@ failed=() passed=0
 ok() { passed=$((passed + 1)); droot_say "ok: $*"; }
 bad() { failed+=("$1"); droot_say "FAILED: $1${2:+: $2}"; }
 
-poweroff() {
+poweroff() {  # poweroff [now]: a clean poweroff, or (now) kill the container's init
   [ -n "$NSPAWN" ] || return 0
   if kill -0 "$NSPAWN" 2>/dev/null; then
-    [ -n "$CPID" ] && kill -s RTMIN+4 "$CPID" 2>/dev/null   # systemd: poweroff
+    if [ "${1:-}" = now ]; then
+      [ -n "$CPID" ] && kill -KILL "$CPID" 2>/dev/null   # its PID namespace dies with it
+    else
+      [ -n "$CPID" ] && kill -s RTMIN+4 "$CPID" 2>/dev/null   # systemd: poweroff
+    fi
     for _ in $(seq 1 150); do kill -0 "$NSPAWN" 2>/dev/null || break; sleep 0.2; done
     if kill -0 "$NSPAWN" 2>/dev/null; then
       droot_say "the container did not power off within 30 s: killing it"
@@ -102,7 +106,7 @@ cleanup() {
   trap - EXIT INT TERM
   [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
   droot_stop_job
-  poweroff
+  poweroff "$stop_now"
   if [ -n "$WORK" ]; then
     if [ "$keep" = 1 ]; then
       droot_say "kept the root: $WORK/root (remove with: rm -rf --one-file-system $WORK)"
@@ -113,8 +117,10 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'droot_say "FAILED: interrupted"; exit 130' INT
-trap 'droot_say "FAILED: terminated (or timed out: --timeout $limit)"; exit 143' TERM
+# Interrupted: no clean poweroff, the container is thrown away at once.
+stop_now=''
+trap 'stop_now=now; droot_say "FAILED: interrupted"; exit 130' INT
+trap 'stop_now=now; droot_say "FAILED: terminated (or timed out: --timeout $limit)"; exit 143' TERM
 
 WORK=$(droot_workdir systemd)
 # The time bound: TERM to this script, and the container's init killed so that a
