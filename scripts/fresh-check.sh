@@ -24,7 +24,8 @@
 # Options:
 #   --keep             keep the root afterwards (its path is printed); default: remove it
 #   --no-cache         debootstrap anew instead of using the cached pristine root
-#   --timeout SECONDS  stop everything after this long (default 1500)
+#   --timeout SECONDS  bound of the whole run (default 1500): the README's commands
+#                      are stopped when it is reached
 #   -h, --help         this text
 #
 # Needs root, ~2 GB in /var/tmp, internet access to the Debian and Python package
@@ -48,7 +49,8 @@ while [ $# -gt 0 ]; do
   case $1 in
     --keep) keep=1 ;;
     --no-cache) use_cache=0 ;;
-    --timeout) [ $# -ge 2 ] || droot_die "--timeout needs a number of seconds"; limit=$2; shift ;;
+    --timeout) [ $# -ge 2 ] || { echo "fresh-check: --timeout needs a number of seconds" >&2; exit 2; }
+               limit=$2; shift ;;
     --timeout=*) limit=${1#*=} ;;
     -h|--help) usage; exit 0 ;;
     *) echo "fresh-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -110,7 +112,9 @@ for cmd in "bash scripts/demo.sh" "bash scripts/test.sh"; do
 done'
 
 t=$SECONDS
-rc=0; DROOT_TIMEOUT=$limit droot_run "$ROOT" bash -c "$inner" fresh-check "$SRC" || rc=$?
+left=$((limit - (SECONDS - start)))
+[ "$left" -gt 0 ] || { droot_say "FAILED: timed out after $limit s (--timeout), before the README's commands"; exit 124; }
+rc=0; DROOT_TIMEOUT=$left droot_run "$ROOT" bash -c "$inner" fresh-check "$SRC" || rc=$?
 droot_took "$t" "the README's commands"
 if [ "$rc" = 124 ]; then
   droot_say "FAILED: timed out after $limit s (--timeout)"
