@@ -70,6 +70,7 @@ WORK=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  set +e   # every step of the cleanup runs, whatever fails
   droot_stop_job
   if [ -n "$WORK" ]; then
     if [ "$keep" = 1 ]; then

@@ -88,6 +88,10 @@ poweroff() {  # poweroff [now]: a clean poweroff, or (now) kill the container's 
     if [ "${1:-}" = now ]; then
       [ -n "$CPID" ] && kill -KILL "$CPID" 2>/dev/null   # its PID namespace dies with it
     else
+      # libvirt-guests would wait up to 2 minutes for the OS-less domain to shut down.
+      # shellcheck disable=SC2016  # expanded inside
+      [ -n "$CPID" ] && inside 20 'for d in $(virsh list --name); do virsh -q destroy "$d"; done' \
+        >/dev/null 2>&1
       [ -n "$CPID" ] && kill -s RTMIN+4 "$CPID" 2>/dev/null   # systemd: poweroff
     fi
     for _ in $(seq 1 150); do kill -0 "$NSPAWN" 2>/dev/null || break; sleep 0.2; done
@@ -104,6 +108,7 @@ poweroff() {  # poweroff [now]: a clean poweroff, or (now) kill the container's 
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  set +e   # every step of the cleanup runs, whatever fails
   [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
   droot_stop_job
   poweroff "$stop_now"
