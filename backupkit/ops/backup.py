@@ -651,15 +651,17 @@ class _Backup:
         created = False
         watch = ScratchWatch(rundir, self.req.scratch_min_free, self.dom.abort_job)
 
+        ours = (sock, *sorted(scratch.values()))
+
         def own_job() -> None:
             if watch.tripped is not None:
                 raise self._scratch_low(watch)
-            found = self.dom.backup_socket()
-            if found != sock:
+            found = self.dom.backup_job_paths()
+            if found != ours:
                 raise OperationFailed(
                     f"{self.req.domain}: the backup job this run started is gone"
-                    + (f" (another job exports {found})" if found else "")
-                    + "; nothing committed")
+                    + (f" (another job is running, exporting {found[0]})" if found else "")
+                    + "; what was read cannot be trusted, nothing committed")
 
         try:
             if self.req.quiesce:

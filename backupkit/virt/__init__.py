@@ -169,16 +169,20 @@ class Domain:
         _call("backupBegin", self._dom.backupBegin, backup_xml, checkpoint_xml, 0,
               name=self.name)
 
-    def backup_socket(self) -> str | None:
-        """The NBD socket of the running pull-mode backup job, None without a job."""
+    def backup_job_paths(self) -> tuple[str, ...] | None:
+        """The running pull-mode backup job's NBD socket and scratch files (sorted),
+        which identify the job; None when no backup job runs."""
         import xml.etree.ElementTree as ET
 
         try:
             xml = self._dom.backupGetXMLDesc(0)
         except libvirt.libvirtError:
             return None
-        server = ET.fromstring(xml).find("server")
-        return server.get("socket") if server is not None else None
+        root = ET.fromstring(xml)
+        server = root.find("server")
+        socket = server.get("socket", "") if server is not None else ""
+        scratch = sorted(s.get("file", "") for s in root.findall("./disks/disk/scratch"))
+        return (socket, *scratch)
 
     def remove_orphan_bitmap(self, name: str, targets: list[str]) -> None:
         """Remove bitmap ``name`` (which no checkpoint owns) from the disks ``targets``
