@@ -459,6 +459,15 @@ def _print_human(doc: Any) -> None:
     _write(_human_text(doc))
 
 
+def _error_line(e: errors.Error) -> str:
+    """``vm1: backup failed: reason``: the context first, the domain named once."""
+    text = str(e)
+    if not e.context:
+        return text
+    subject = e.context.split(": ")[0]
+    return f"{e.context}: {text.removeprefix(subject + ': ')}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from backupkit import proc
 
@@ -488,7 +497,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except errors.Error as e:
         if not logging.getLogger("backupkit").handlers:
             logsetup.setup(verbosity)
-        log.error("%s", f"{e.context}: {e}" if e.context else e)
+        log.error("%s", _error_line(e))
         result_doc = e.fields.get("result")
         if not want_json and verbosity >= 0 and isinstance(result_doc, dict):
             _print_human(result_doc)  # e.g. the per-domain table of a partial --all
