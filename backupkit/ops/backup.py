@@ -849,10 +849,15 @@ def backup_many(repo: Repository, conn: Connection, domains: Sequence[str],
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     wait = max((make_request(n).lock_wait for n in domains), default=0.0)
+    for n in domains[:1]:
+        check_scratch_dir(make_request(n).scratch_dir)  # a usage error, not N failures
     with repo.lock_shared(wait=wait):
         for name in domains:
             try:
                 res = _backup_locked(repo, conn, make_request(name), hooks)
+            except KeyboardInterrupt as e:
+                e.context = f"{name}: backup"  # type: ignore[attr-defined]
+                raise
             except Exception as e:  # one domain's failure, even a bug, must not cost the others
                 if isinstance(e, Error):
                     err = e
