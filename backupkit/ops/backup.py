@@ -259,7 +259,7 @@ def host_domain_lock(domain: str, wait: float = 0.0) -> Iterator[None]:
     domain lock cannot see the other repository.
     """
     root = host_lock_dir()
-    os.makedirs(root, 0o755, exist_ok=True)
+    os.makedirs(root, 0o700, exist_ok=True)
     name = f"domain-{hashlib.sha256(domain.encode()).hexdigest()[:16]}.lock"
     with hold(root, name, f"domain {domain} (host-wide lock {root}/locks/{name})", wait=wait):
         yield
