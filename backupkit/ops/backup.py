@@ -279,12 +279,15 @@ class ScratchWatch:
 
     A pull-mode job copies old data into the scratch file before each guest write
     to a block not yet read (copy-before-write).  When the scratch filesystem
-    fills, QEMU 7.2 fails the guest's write: libvirt 9.0 inserts the filter with
-    the default ``on-cbw-error=break-guest-write`` and offers no way to ask for
-    ``break-snapshot`` or ``cbw-timeout``.  So backupkit keeps a margin: below
+    fills, QEMU 7.2 fails the guest's write (seen: the write lost, "write failed:
+    No space left on device"): libvirt 9.0 starts the job as ``blockdev-backup``
+    with ``sync=none``, whose copy-before-write filter keeps QEMU's default
+    ``on-cbw-error=break-guest-write``, and has no way to ask for
+    ``break-snapshot`` or a ``cbw-timeout``.  So backupkit keeps a margin: below
     ``margin`` bytes free it ends the job (abortJob), which removes the filter
-    and lets every later guest write go straight to the disk; the backup fails,
-    the guest never does.
+    and lets every later guest write go straight to the disk.  The backup fails
+    instead of the guest, provided the guest writes less than the margin between
+    two looks.
     """
 
     def __init__(self, path: str, margin: int, on_low: Callable[[], None],
@@ -376,7 +379,7 @@ class _Backup:
         open the scratch files, unique per run so two runs never share a path, and
         removed at the end whatever happened.
         """
-        path = f"{self._scratch_prefix()}-{secrets.token_hex(4)}"
+        path = f"{self._scratch_prefix()}-{secrets.token_hex(3)}"
         os.mkdir(path, 0o700)
         try:
             os.chmod(path, 0o700)
@@ -632,7 +635,7 @@ class _Backup:
 
     def _run_live_in(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
                      checkpoint: str, rundir: str) -> Manifest:
-        sock = os.path.join(rundir, "nbd.sock")
+        sock = os.path.join(rundir, "sock")  # short: unix socket paths are limited
         if len(sock.encode()) > SUN_PATH_MAX:
             raise InvalidName("scratch_dir", self.req.scratch_dir,
                               "too long for a unix socket path")
