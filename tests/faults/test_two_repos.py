@@ -59,6 +59,10 @@ def test_two_repositories_keep_their_own_checkpoints(make_domain: MakeDomain, bk
     # B's checkpoint survived A's run: B's incremental has A's writes and its own.
     assert b2["mode"] == "incremental" and b2["parent_id"] == b1["id"], b2["reason"]
     assert sorted(_checkpoints(td)) == sorted([a2["checkpoint"], b2["checkpoint"]])
+    # hygiene with one repository sees the other's checkpoint as no leftover of its own.
+    fixed = bk.json("hygiene", "check", td.name, "--fix")
+    assert not [p for p in fixed.get("problems", []) if p.get("checkpoint")], fixed
+    assert sorted(_checkpoints(td)) == sorted([a2["checkpoint"], b2["checkpoint"]])
     bk.survivors(td)
     bk2.survivors(td)
     assert list(bk.scratch.iterdir()) == []
