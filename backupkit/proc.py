@@ -58,10 +58,13 @@ def stop_on_signals() -> None:
     job, delete the new checkpoint, remove the scratch directory).  Only the first
     signal interrupts; later ones are logged and ignored, so a second Ctrl-C or a
     repeated ``systemctl stop`` cannot cut the cleanup short (SIGKILL still can).
-    Call from the main thread.
+    A signal ignored when we start stays ignored (``nohup`` ignores SIGHUP, a shell
+    ignores SIGINT for ``cmd &``).  Call from the main thread.
     """
+    handled = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+
     def first(signum: int, _frame: object) -> None:
-        for s in STOP_SIGNALS:
+        for s in handled:
             signal.signal(s, again)
         raise Interrupted(signal.Signals(signum).name)
 
@@ -69,7 +72,7 @@ def stop_on_signals() -> None:
         log.warning("%s received while stopping: still cleaning up",
                     signal.Signals(signum).name)
 
-    for s in STOP_SIGNALS:
+    for s in handled:
         signal.signal(s, first)
 
 
