@@ -300,24 +300,26 @@ class LiveLayer:
 
 @contextlib.contextmanager
 def _domain_lock(repo: str | None, domain: str, wait: float) -> Iterator[Any]:
-    """Serialize with backups of the same domain when a repository is configured.
+    """Serialize with backups of the same domain (host-wide lock, whatever the
+    repository) and, when a repository is configured, with its domain lock.
 
     Yields the open Repository (or None when none is configured or it does
-    not exist: nothing can be backing up into it then).
+    not exist).
     """
-    if repo is None:
-        yield None
-        return
-    from backupkit.repo import Repository
+    with backup_op.host_domain_lock(domain, wait=wait):
+        if repo is None:
+            yield None
+            return
+        from backupkit.repo import Repository
 
-    try:
-        r = Repository.open(repo)
-    except NotFound:
-        log.warning("repository %s does not exist: not locking, not comparing", repo)
-        yield None
-        return
-    with r.lock_domain(domain, wait=wait):
-        yield r
+        try:
+            r = Repository.open(repo)
+        except NotFound:
+            log.warning("repository %s does not exist: not comparing", repo)
+            yield None
+            return
+        with r.lock_domain(domain, wait=wait):
+            yield r
 
 
 

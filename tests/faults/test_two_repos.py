@@ -17,6 +17,7 @@ import pytest
 
 from backupkit import virt
 from tests import rig
+from tests.conftest import run_cli
 from tests.faults.conftest import CHUNK, Bk, MakeDomain, MiB, one_line_error, write_random
 
 pytestmark = pytest.mark.libvirt
@@ -81,6 +82,13 @@ def test_concurrent_run_on_another_repository_is_busy(make_domain: MakeDomain, b
         assert cp.returncode == 3, cp.stderr
         line = one_line_error(cp)
         assert "host-wide" in line and f"pid {p.pid}" in line, line
+        # Commands that change the domain's checkpoints or bitmaps wait for it too,
+        # with another repository or none.
+        for args in (["hygiene", "check", td.name, "--fix"],
+                     ["checkpoint", "delete", td.name, "--all"]):
+            cp = run_cli("--config", str(bk.config), *args)
+            assert cp.returncode == 3, (args, cp.stderr)
+            assert "host-wide" in one_line_error(cp)
     finally:
         p.send_signal(signal.SIGCONT)
     _out, err = p.communicate(timeout=120)
