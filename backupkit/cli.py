@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,7 +57,7 @@ def build_parser() -> ArgumentParser:
         prog="backupkit",
         description="Incremental backups of libvirt/QEMU domains over NBD with dirty bitmaps.",
         epilog="Exit codes: 0 ok, 1 failed, 2 usage/config, 3 busy, 4 not found, "
-               "5 integrity, 6 partial. See backupkit(8).",
+               "5 integrity, 6 partial, 7 interrupted. See backupkit(8).",
     )
     p.add_argument("--version", action="version", version=f"backupkit {__version__}")
     p.add_argument("--config", metavar="PATH",
@@ -322,7 +323,7 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
                 domain=name, mode=args.mode or s.mode, disks=tuple(args.disk),
                 exclude=tuple(args.exclude_disk) + s.exclude_disks, quiesce=quiesce,
                 workers=s.workers, compression_level=s.compression_level,
-                scratch_dir=cfg.scratch_dir,
+                scratch_dir=cfg.scratch_dir, scratch_min_free=cfg.scratch_min_free,
                 lock_wait=_lock_wait(args, cfg))
 
         hooks = op.Hooks(progress_start=progress_factory(args))
@@ -333,6 +334,10 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
                 res = op.backup(repo, conn, request(names[0]), hooks)
             except errors.Error as e:
                 _metrics(cfg, None, (names[0], e))
+                e.context = f"{names[0]}: backup failed"  # the domain, as --all names it
+                raise
+            except KeyboardInterrupt as e:
+                e.context = f"{names[0]}: backup"  # type: ignore[attr-defined]
                 raise
             _log_summary(res)
             _metrics(cfg, res, None)
@@ -619,7 +624,28 @@ def _print_human(doc: Any) -> None:
     _write(_human_text(doc))
 
 
+def _error_line(e: errors.Error) -> str:
+    """``vm1: backup failed: reason``: the context first, the domain named once."""
+    text = str(e)
+    if not e.context:
+        return text
+    subject = e.context.split(": ")[0]
+    return f"{e.context}: {text.removeprefix(subject + ': ')}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from backupkit import proc
+
+    previous = {s: signal.getsignal(s) for s in proc.STOP_SIGNALS}
+    proc.stop_on_signals()
+    try:
+        return _main(argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = "--json" in argv
     verbosity = 0
@@ -631,10 +657,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args, cfg)
         # Render inside the try: a rendering bug must still give one JSON document.
         text = _json_text(result) if args.json else _human_text(result) if verbosity >= 0 else ""
+        if not args.json and args.command == "backup" and logsetup.under_journal(sys.stdout):
+            text = ""  # the journal has one line per backup already; no summary there
     except errors.Error as e:
         if not logging.getLogger("backupkit").handlers:
             logsetup.setup(verbosity)
-        log.error("%s", e)
+        log.error("%s", _error_line(e))
         result_doc = e.fields.get("result")
         if not want_json and verbosity >= 0 and isinstance(result_doc, dict):
             _print_human(result_doc)  # e.g. the per-domain table of a partial --all
@@ -643,12 +671,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if want_json:
             _print_json({"error": e.to_json()})
         return e.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as e:
+        # SIGINT, SIGTERM or SIGHUP (proc.stop_on_signals): every level has cleaned up.
+        if not logging.getLogger("backupkit").handlers:
+            logsetup.setup(verbosity)
+        what = str(e) if isinstance(e, errors.Interrupted) else "interrupted by SIGINT"
+        context = getattr(e, "context", "")
+        message = f"{context} {what}" if context else what
+        log.error("%s", message)
         if want_json:
-            _print_json({"error": {"kind": "interrupted", "message": "interrupted",
-                                   "exit_code": errors.EXIT_FAILED}})
-        return errors.EXIT_FAILED
+            _print_json({"error": {"kind": "interrupted", "message": message,
+                                   "exit_code": errors.EXIT_INTERRUPTED}})
+        return errors.EXIT_INTERRUPTED
     except Exception as e:  # a bug: still one line, still a JSON document
         log.error("internal error: %s: %s", type(e).__name__, e)
         if verbosity > 0:

@@ -39,6 +39,7 @@ class Config:
     repository: str | None = None
     connect: str = DEFAULT_CONNECT
     scratch_dir: str = "/var/lib/backupkit/scratch"
+    scratch_min_free: int = 512 << 20
     lock_wait: float = 0.0
     chunk_size: int = 1 << 20
     backup: DomainSettings = field(default_factory=DomainSettings)
@@ -70,6 +71,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "repository": ((str,), "repository path"),
     "connect": ((str,), "libvirt URI"),
     "scratch_dir": ((str,), "directory for backup scratch files and sockets"),
+    "scratch_min_free": ((int,), "bytes kept free on the scratch filesystem"),
     "lock_wait": ((int, float), "seconds to wait for a busy lock"),
     "chunk_size": ((int,), "chunk size for new repositories (bytes)"),
 }
@@ -169,6 +171,11 @@ def parse(doc: dict[str, Any], path: str) -> Config:
                    + key] = value
         else:
             raise ConfigError(f"unknown table [{name}]", path)
+    sd = kw.get("scratch_dir")
+    if sd is not None and (not sd.strip() or not os.path.isabs(sd)):
+        raise ConfigError(f"scratch_dir must be an absolute directory path, not {sd!r}", path)
+    if kw.get("scratch_min_free", 0) < 0:
+        raise ConfigError("scratch_min_free must not be negative", path)
     for key in _PRUNE:
         if kw.get(key, 0) < 0:
             raise ConfigError(f"prune.{key} must not be negative", path)

@@ -17,6 +17,10 @@ EXIT_BUSY = 3
 EXIT_NOT_FOUND = 4
 EXIT_INTEGRITY = 5
 EXIT_PARTIAL = 6
+# 7, not 130 (128+SIGINT): one code for SIGINT, SIGTERM and SIGHUP alike, that no
+# shell produces by itself, so it always means "backupkit was interrupted and
+# cleaned up" (a process killed before it could clean up shows as a signal).
+EXIT_INTERRUPTED = 7
 
 
 class Error(Exception):
@@ -25,6 +29,7 @@ class Error(Exception):
     exit_code = EXIT_FAILED
     kind = "failed"
     msg = "{reason}"
+    context = ""  # what was being done, for the error line ("vm1: backup failed")
 
     def __init__(self, reason: str = "", **fields: Any) -> None:
         self.reason = reason
@@ -211,3 +216,22 @@ class ImageInUse(OperationFailed):
 
     kind = "image_in_use"
     msg = "{image}: {reason}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived (exit 7); raised in the main thread.
+
+    A KeyboardInterrupt, not an Error: ``except Exception`` (one domain's failure
+    must not cost the others) must let it through, so the whole run stops and
+    each level cleans up on the way out.
+    """
+
+    exit_code = EXIT_INTERRUPTED
+    kind = "interrupted"
+
+    def __init__(self, signame: str = "SIGINT") -> None:
+        self.signame = signame
+        super().__init__(signame)
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signame}"

@@ -74,6 +74,10 @@ def setup(verbosity: int = 0) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    # ovirt-imageio logs each NBD connection at INFO.
+    # ovirt-imageio logs each NBD connection at INFO; its warnings get our format
+    # (without a handler they would reach stderr bare, through logging.lastResort).
     for name in ("nbd", "nbdutil"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        lib = logging.getLogger(name)
+        lib.setLevel(logging.WARNING)
+        lib.handlers[:] = [handler]
+        lib.propagate = False

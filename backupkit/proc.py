@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Protocol
 
-from backupkit.errors import CommandFailed, NotFound
+from backupkit.errors import CommandFailed, Interrupted, NotFound
 
 log = logging.getLogger("backupkit.proc")
 
@@ -46,6 +46,34 @@ def run(
 
 
 _PR_SET_PDEATHSIG = 1
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
+
+    SIGTERM is what ``kill``, ``timeout(1)`` and a systemd stop timeout send, and
+    SIGHUP what a closed terminal sends: each must clean up like Ctrl-C (abort the
+    job, delete the new checkpoint, remove the scratch directory).  Only the first
+    signal interrupts; later ones are logged and ignored, so a second Ctrl-C or a
+    repeated ``systemctl stop`` cannot cut the cleanup short (SIGKILL still can).
+    A signal ignored when we start stays ignored (``nohup`` ignores SIGHUP, a shell
+    ignores SIGINT for ``cmd &``).  Call from the main thread.
+    """
+    handled = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+
+    def first(signum: int, _frame: object) -> None:
+        for s in handled:
+            signal.signal(s, again)
+        raise Interrupted(signal.Signals(signum).name)
+
+    def again(signum: int, _frame: object) -> None:
+        log.warning("%s received while stopping: still cleaning up",
+                    signal.Signals(signum).name)
+
+    for s in handled:
+        signal.signal(s, first)
 
 
 def _die_with_parent() -> None:

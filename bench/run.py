@@ -348,9 +348,20 @@ class BenchDomain:
 
 @contextlib.contextmanager
 def pull_export(d: BenchDomain, work: Path) -> Iterator[str]:
-    """A libvirt pull-mode export of vda (no checkpoint): the NBD URI."""
-    sock = work / f"pull-{d.name}.sock"
-    scratch = work / f"pull-{d.name}.scratch"
+    """A libvirt pull-mode export of vda (no checkpoint): the NBD URI.
+
+    QEMU runs unprivileged (libvirt-qemu): the socket and scratch file go in a
+    directory owned by the user of the domain's DAC label, as backupkit does.
+    """
+    from backupkit.virt import Domain
+
+    run = work / f"pull-{d.name}"
+    run.mkdir(mode=0o700)
+    user = Domain(d.dom).qemu_user()
+    if user is not None:
+        os.chown(run, user.uid, user.gid)
+    sock = run / "sock"
+    scratch = run / "vda.scratch"
     xml = (f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/><disks>"
            f"<disk name='vda' backup='yes' type='file'><scratch file='{scratch}'/></disk>"
            "</disks></domainbackup>")
@@ -360,8 +371,7 @@ def pull_export(d: BenchDomain, work: Path) -> Iterator[str]:
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             d.dom.abortJob()
-        with contextlib.suppress(FileNotFoundError):
-            scratch.unlink()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def allocated_bytes(image: Path) -> int:

@@ -109,7 +109,7 @@ def test_every_option_is_documented(path: str) -> None:
 def test_exit_codes_environment_files_examples() -> None:
     sh = _sections(MAN8, ".SH")
     codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
-    assert codes == set(range(7))
+    assert codes == set(range(8))
     for code in codes:
         assert re.search(rf"^\.B {code}$", MAN8.read_text(), re.M), code
         assert _mentions(sh["EXIT STATUS"], str(code))

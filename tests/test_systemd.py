@@ -190,7 +190,11 @@ def test_service_semantics(unit: Path) -> None:
     u = parse_unit(unit)
     svc = u["Service"]
     assert svc["Type"] == ["oneshot"]
-    assert "SuccessExitStatus" not in svc, "a non-zero exit must fail the unit"
+    # Only 7 ("interrupted": stopped cleanly) counts as success; every other non-zero
+    # exit fails the unit.
+    assert svc["SuccessExitStatus"] == ["7"]
+    assert "KillSignal" not in svc, "SIGTERM, the default, makes backupkit clean up"
+    assert svc["StateDirectoryMode"] == ["0711"], "QEMU's user must pass into the scratch dir"
     assert "RemainAfterExit" not in svc
     assert "Install" not in u, "services are started by their timers"
     assert u["Unit"]["Documentation"][0].startswith("man:backupkit(8)")
@@ -206,6 +210,9 @@ def test_service_semantics(unit: Path) -> None:
         rw = " ".join(svc["ReadWritePaths"]).split()
         assert "-/var/lib/libvirt/images" in rw, "cold backups change bitmaps in the images"
         assert "backupkit/scratch" in " ".join(svc["StateDirectory"])
+        # host-wide domain locks under /run (read-only under ProtectSystem=strict)
+        assert svc["RuntimeDirectory"] == ["backupkit"]
+        assert svc["RuntimeDirectoryPreserve"] == ["yes"], "another unit may hold a lock"
         for directive in ("PrivateDevices", "DeviceAllow", "DevicePolicy", "ProtectClock"):
             # ProtectClock= implies DeviceAllow=char-rtc, which closes the device policy
             assert directive not in svc, f"{directive}: block-device disks must stay reachable"

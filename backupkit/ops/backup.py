@@ -26,6 +26,10 @@ import glob
 import hashlib
 import logging
 import os
+import re
+import secrets
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from backupkit.errors import (
     Error,
     InvalidName,
     ModeUnavailable,
+    NoSpace,
     NotFound,
     OperationFailed,
     Partial,
@@ -44,12 +49,17 @@ from backupkit.errors import (
 from backupkit.nbd import Client, QemuNbd
 from backupkit.ops.copy import Progress, copy_disk
 from backupkit.repo import DiskRecord, Index, Manifest, Repository
+from backupkit.repo.locks import hold
 from backupkit.virt import Connection, Domain
 from backupkit.virt import xml as vxml
+from backupkit.virt.access import QemuUser, blocking_dir, make_searchable
 
 log = logging.getLogger("backupkit.backup")
 
 PREFIX = "backupkit."
+DEFAULT_SCRATCH_MIN_FREE = 512 << 20
+WATCH_INTERVAL = 0.1  # seconds between two looks at the scratch filesystem
+SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path without its NUL)
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Request:
     compression_level: int | None = None  # zstd level for new chunks (None: the repository's)
     scratch_dir: str = "/var/lib/backupkit/scratch"
     lock_wait: float = 0.0
+    scratch_min_free: int = DEFAULT_SCRATCH_MIN_FREE  # abort the job below this much free
 
 
 @dataclass
@@ -199,6 +210,124 @@ def _sizes(dom: Domain, disks: list[vxml.Disk], running: bool) -> dict[str, int]
     return sizes
 
 
+def checkpoint_prefix(repo: Repository) -> str:
+    """``backupkit.<repository id, 8 hex digits>.``: whose checkpoint it is.
+
+    Two repositories backing up one domain each keep (and clean up) only their own
+    checkpoints.  A repository without an id (none was ever created without one)
+    falls back to the bare prefix.
+    """
+    rid = str(repo.config.get("id", ""))[:8]
+    return f"{PREFIX}{rid}." if re.fullmatch(r"[0-9a-f]{8}", rid) else PREFIX
+
+
+def owned(checkpoint: str, prefix: str) -> bool:
+    """Is this checkpoint (or bitmap) name one of this repository's?
+
+    Names from before repository ids (``backupkit.<backup id>``, no second dot) are
+    treated as the repository's that backs the domain up, as they always were.
+    """
+    if not checkpoint.startswith(PREFIX):
+        return False
+    return checkpoint.startswith(prefix) or "." not in checkpoint[len(PREFIX):]
+
+
+def check_scratch_dir(path: str) -> str:
+    """scratch_dir must be an absolute path naming a directory (or nothing yet)."""
+    if not path.strip():
+        raise InvalidName("scratch_dir", path, "empty: give an absolute directory path")
+    if not os.path.isabs(path):
+        raise InvalidName("scratch_dir", path, "not an absolute path")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise InvalidName("scratch_dir", path, "exists and is not a directory")
+    return os.path.normpath(path)
+
+
+def host_lock_dir() -> str:
+    """Where host-wide locks live: outside any repository, on a tmpfs (gone at boot)."""
+    if os.geteuid() == 0:
+        return "/run/backupkit"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/backupkit-{os.getuid()}"
+    return os.path.join(base, "backupkit")
+
+
+@contextlib.contextmanager
+def host_domain_lock(domain: str, wait: float = 0.0) -> Iterator[None]:
+    """One backupkit job per domain on this host, whatever the repository.
+
+    Two repositories backing up one domain at once would abort each other's
+    libvirt job (a domain has one backup job at a time); the repository's own
+    domain lock cannot see the other repository.
+    """
+    root = host_lock_dir()
+    os.makedirs(root, 0o700, exist_ok=True)
+    name = f"domain-{hashlib.sha256(domain.encode()).hexdigest()[:16]}.lock"
+    with hold(root, name, f"domain {domain} (host-wide lock {root}/locks/{name})", wait=wait):
+        yield
+
+
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+class ScratchWatch:
+    """Watches the scratch filesystem while a live backup job runs.
+
+    A pull-mode job copies old data into the scratch file before each guest write
+    to a block not yet read (copy-before-write).  When the scratch filesystem
+    fills, QEMU 7.2 fails the guest's write (seen: the write lost, "write failed:
+    No space left on device"): libvirt 9.0 starts the job as ``blockdev-backup``
+    with ``sync=none``, whose copy-before-write filter keeps QEMU's default
+    ``on-cbw-error=break-guest-write``, and has no way to ask for
+    ``break-snapshot`` or a ``cbw-timeout``.  So backupkit keeps a margin: below
+    ``margin`` bytes free it ends the job (abortJob), which removes the filter
+    and lets every later guest write go straight to the disk.  The backup fails
+    instead of the guest, provided the guest writes less than the margin between
+    two looks.
+    """
+
+    def __init__(self, path: str, margin: int, on_low: Callable[[], None],
+                 interval: float = WATCH_INTERVAL) -> None:
+        self.path = path
+        self.margin = margin
+        self.on_low = on_low
+        self.interval = interval
+        self.lowest = _free_bytes(path)
+        self.tripped: int | None = None  # free bytes when the job was ended
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scratch-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                free = _free_bytes(self.path)
+            except OSError:
+                continue
+            self.lowest = min(self.lowest, free)
+            if free < self.margin and self.tripped is None:
+                self.tripped = free
+                log.warning("scratch space low: %s free in %s (scratch_min_free %s): "
+                            "ending the backup job", _mib(free), self.path, _mib(self.margin))
+                try:
+                    self.on_low()
+                except Error as e:
+                    log.warning("could not end the backup job: %s", e)
+
+    def start(self) -> ScratchWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 class _Backup:
     """One domain's backup run."""
 
@@ -211,27 +340,78 @@ class _Backup:
         self.t0 = time.monotonic()
         self.dom = conn.domain(req.domain)
         self.warnings: list[str] = []
+        self.scratch = check_scratch_dir(req.scratch_dir)
+        self.prefix = checkpoint_prefix(repo)
 
     # -- leftovers ----------------------------------------------------------------
 
     def _scratch_prefix(self) -> str:
         h = hashlib.sha256(self.req.domain.encode()).hexdigest()[:12]
-        return os.path.join(self.req.scratch_dir, f"bk-{h}")
+        return os.path.join(self.scratch, f"bk-{h}")
+
+    def _qemu_user(self) -> QemuUser | None:
+        """Who this domain's QEMU runs as: its DAC label, else libvirt's default."""
+        user = self.dom.qemu_user()
+        if user is None:
+            user = self.conn.qemu_user(self.dom.virt_type())
+        return user
+
+    def _prepare_scratch(self, user: QemuUser | None) -> None:
+        """scratch_dir exists (mode 0711 when we create it) and QEMU's user can search it."""
+        if not os.path.isdir(self.scratch):
+            os.makedirs(self.scratch, exist_ok=True)
+            os.chmod(self.scratch, 0o711)  # traversable, not listable, whatever the umask
+        if user is None or user.privileged:
+            return
+        make_searchable(self.scratch, user)
+        blocked = blocking_dir(self.scratch, user)
+        if blocked:
+            mode = oct(os.stat(blocked).st_mode & 0o7777)
+            raise InvalidName("scratch_dir", self.req.scratch_dir,
+                              f"QEMU runs as {user.describe()} and cannot enter {blocked} "
+                              f"(mode {mode}): make it searchable (chmod o+x) or choose "
+                              "another scratch_dir")
+
+    @contextlib.contextmanager
+    def _run_dir(self, user: QemuUser | None) -> Iterator[str]:
+        """This run's own directory under scratch_dir, for the NBD socket and scratch files.
+
+        Owned by QEMU's user and group (mode 0700) so QEMU can create the socket and
+        open the scratch files, unique per run so two runs never share a path, and
+        removed at the end whatever happened.
+        """
+        path = f"{self._scratch_prefix()}-{secrets.token_hex(3)}"
+        os.mkdir(path, 0o700)
+        try:
+            os.chmod(path, 0o700)
+            if user is not None and not user.privileged:
+                os.chown(path, user.uid, user.gid)
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def cleanup_leftovers(self, keep: str | None, running: bool) -> None:
         if running and self.dom.backup_job_active():
             log.warning("%s: aborting a backup job left by an interrupted run", self.req.domain)
             self.dom.abort_job()
-        for path in glob.glob(glob.escape(self._scratch_prefix()) + ".*"):
+        # Files of older versions (bk-HASH.*) and run directories (bk-HASH-RUN): the
+        # host-wide lock is ours, so no other run of this domain is using them.
+        prefix = glob.escape(self._scratch_prefix())
+        for path in glob.glob(prefix + ".*") + glob.glob(prefix + "-*"):
             log.info("%s: removing leftover %s", self.req.domain, path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         for cp in self.dom.checkpoints():
-            if cp.name.startswith(PREFIX) and cp.name != keep:
+            if owned(cp.name, self.prefix) and cp.name != keep:
                 log.warning("%s: deleting stale checkpoint %s (no committed backup uses it)",
                             self.req.domain, cp.name)
                 delete_checkpoint(self.dom, cp.name, running)
-        if not running:
+        if running:
+            self._remove_orphan_bitmaps(keep)
+        else:
             # A run killed between ``qemu-img bitmap --add`` and the commit leaves a
             # bitmap that libvirt never heard of: remove it too, or it records forever.
             known = {cp.name for cp in self.dom.checkpoints()}
@@ -243,6 +423,30 @@ class _Backup:
                         log.warning("%s: removing stale bitmap %s from %s (no committed "
                                     "backup uses it)", self.req.domain, b.name, d.path)
                         qemu.bitmap_remove(d.path, b.name, fmt=d.format)
+
+    def _remove_orphan_bitmaps(self, keep: str | None) -> None:
+        """Running domain: remove ``backupkit.`` bitmaps no libvirt checkpoint owns.
+
+        A disk detached while its checkpoint was deleted keeps that checkpoint's
+        bitmap, recording for ever; reattached, it brings it back.  (The bitmap of
+        ``keep`` stays: its checkpoint may only have lost libvirt's metadata.)
+        """
+        known = {cp.name for cp in self.dom.checkpoints()}
+        live = self.dom.block_bitmaps()
+        orphans: dict[str, list[str]] = {}
+        for d in self.dom.disks():
+            if not d.can_bitmap:
+                continue
+            for path in (d.path, *(layer.path for layer in d.backing)):
+                for b in live.get(path, []):
+                    name = str(b.get("name", ""))
+                    if name.startswith(PREFIX) and name != keep and name not in known \
+                            and d.target not in orphans.get(name, []):
+                        orphans.setdefault(name, []).append(d.target)
+        for name, targets in orphans.items():
+            log.warning("%s: removing stale bitmap %s from %s (no checkpoint owns it)",
+                        self.req.domain, name, ", ".join(targets))
+            self.dom.remove_orphan_bitmap(name, targets)
 
     # -- mode -------------------------------------------------------------------
 
@@ -319,8 +523,9 @@ class _Backup:
                              self.req.domain)
         plan = self.plan(disks, running)
         backup_id = self.repo.new_backup_id()
-        checkpoint = PREFIX + backup_id
-        log.info("%s: %s backup %s (%s)", self.req.domain, plan.mode, backup_id, plan.reason)
+        checkpoint = self.prefix + backup_id
+        # Debug: the journal gets one line per backup, at its end (cli._log_summary).
+        log.debug("%s: %s backup %s (%s)", self.req.domain, plan.mode, backup_id, plan.reason)
         prev_cp = plan.parent.checkpoint if plan.parent else None
         try:
             if running:
@@ -336,7 +541,7 @@ class _Backup:
         # restarting, say) is a warning, never a failed backup; the next run finishes it.
         try:
             for cp in self.dom.checkpoints():
-                if cp.name.startswith(PREFIX) and cp.name != checkpoint:
+                if owned(cp.name, self.prefix) and cp.name != checkpoint:
                     try:
                         delete_checkpoint(self.dom, cp.name, running)
                     except Error as e:
@@ -381,7 +586,7 @@ class _Backup:
                         level=self.req.compression_level,
                         progress=progress)
         ref = self.repo.write_index(self.req.domain, backup_id, disk.target, res.index)
-        log.info("%s: disk %s %s: read %d bytes, stored %d bytes in %.1fs", self.req.domain,
+        log.debug("%s: disk %s %s: read %d bytes, stored %d bytes in %.1fs", self.req.domain,
                  disk.target, mode, res.read_bytes, res.stored_bytes, time.monotonic() - t)
         rec = DiskRecord(name=disk.target, source=disk.path, format=disk.format,
                          virtual_size=client.size, read_bytes=res.read_bytes,
@@ -393,8 +598,13 @@ class _Backup:
             self, disks: list[vxml.Disk], plan: Plan, backup_id: str, checkpoint: str,
             cp_xml: str | None, domain_xml: str, freeze: float | None, quiesced: bool,
             export: Callable[[vxml.Disk, bool], contextlib.AbstractContextManager[Client]],
+            own_job: Callable[[], None] | None = None,
     ) -> Manifest:
-        """Copy every disk from its export, write the indexes, then commit the manifest."""
+        """Copy every disk from its export, write the indexes, then commit the manifest.
+
+        ``own_job`` raises unless the export is still this run's: called after each
+        disk is read, so every disk committed was read from this run's own job.
+        """
         if self.hooks.job_started:
             self.hooks.job_started()
         faults.point("before_first_chunk")
@@ -402,6 +612,8 @@ class _Backup:
         for d in disks:
             with export(d, plan.disk_modes[d.target][0] == "incremental") as client:
                 records.append(self._copy(client, d, plan, backup_id))
+            if own_job:
+                own_job()
         manifest = self._manifest(plan, backup_id, checkpoint, cp_xml, records, domain_xml,
                                   freeze, quiesced)
         faults.point("after_index")
@@ -412,13 +624,24 @@ class _Backup:
 
     def _run_live(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
                   checkpoint: str) -> Manifest:
-        os.makedirs(self.req.scratch_dir, exist_ok=True)
-        prefix = self._scratch_prefix()
-        sock = f"{prefix}.sock"
-        if len(sock) > 100:
+        user = self._qemu_user()
+        self._prepare_scratch(user)
+        margin = self.req.scratch_min_free
+        free = _free_bytes(self.scratch)
+        if free < margin:
+            raise NoSpace(f"{self.scratch} has {_mib(free)} free, less than scratch_min_free "
+                          f"({_mib(margin)}): backup not started (the scratch file grows "
+                          "with the guest's writes while the job runs)")
+        with self._run_dir(user) as rundir:
+            return self._run_live_in(disks, plan, backup_id, checkpoint, rundir)
+
+    def _run_live_in(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
+                     checkpoint: str, rundir: str) -> Manifest:
+        sock = os.path.join(rundir, "sock")  # short: unix socket paths are limited
+        if len(sock.encode()) > SUN_PATH_MAX:
             raise InvalidName("scratch_dir", self.req.scratch_dir,
                               "too long for a unix socket path")
-        scratch = {d.target: f"{prefix}.{d.target}.scratch" for d in disks}
+        scratch = {d.target: os.path.join(rundir, f"{d.target}.scratch") for d in disks}
         inc = None
         if plan.mode == "incremental":
             assert plan.parent
@@ -431,6 +654,20 @@ class _Backup:
         freeze: float | None = None
         quiesced = False
         created = False
+        watch = ScratchWatch(rundir, self.req.scratch_min_free, self.dom.abort_job)
+
+        ours = (sock, *sorted(scratch.values()))
+
+        def own_job() -> None:
+            if watch.tripped is not None:
+                raise self._scratch_low(watch)
+            found = self.dom.backup_job_paths()
+            if found != ours:
+                raise OperationFailed(
+                    f"{self.req.domain}: the backup job this run started is gone"
+                    + (f" (another job is running, exporting {found[0]})" if found else "")
+                    + "; what was read cannot be trusted, nothing committed")
+
         try:
             if self.req.quiesce:
                 try:
@@ -448,36 +685,55 @@ class _Backup:
             if not created:
                 self.dom.backup_begin(backup_xml, cp_xml)
                 created = True
+            watch.start()
             stored_cp_xml = self.dom.checkpoint_xml(checkpoint)
 
             def export(d: vxml.Disk, incremental: bool) -> Client:
                 return Client(sock, d.target, dirty=incremental)
 
             manifest = self._copy_and_commit(disks, plan, backup_id, checkpoint, stored_cp_xml,
-                                             domain_xml, freeze, quiesced, export)
-        except BaseException:
+                                             domain_xml, freeze, quiesced, export, own_job)
+        except BaseException as e:
             # Not committed: end the job and drop the new checkpoint, so the previous
             # checkpoint (still recording every write) serves the next incremental.
+            watch.stop()
             with contextlib.suppress(Error):
                 self.dom.abort_job()
             if created:
                 with contextlib.suppress(Error):
                     delete_checkpoint(self.dom, checkpoint, running=True)
+            if watch.tripped is not None and isinstance(e, Exception):
+                raise self._scratch_low(watch) from e
             raise
+        watch.stop()
         # Committed: from here on the new checkpoint must survive whatever happens.
         faults.point("after_manifest")
         try:
             self.dom.abort_job()
         except Error as e:
             self._warn(f"could not end the backup job (the next run ends it): {e}")
+        if watch.lowest < 2 * watch.margin:
+            self._warn(f"scratch space got thin: {_mib(watch.lowest)} free at the lowest in "
+                       f"{self.scratch} (scratch_min_free {_mib(watch.margin)}); give it "
+                       "more room")
         return manifest
+
+    def _scratch_low(self, watch: ScratchWatch) -> NoSpace:
+        return NoSpace(f"{self.req.domain}: scratch space ran low ({_mib(watch.tripped or 0)} "
+                       f"free in {self.scratch}, scratch_min_free {_mib(watch.margin)}): "
+                       "backup job ended before the guest's writes could fail; nothing "
+                       "committed")
 
     def _run_cold(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
                   checkpoint: str) -> Manifest:
         if self.req.quiesce and self.req.quiesce != "try":
             raise QuiesceFailed(self.req.domain, "domain is not running")
-        os.makedirs(self.req.scratch_dir, exist_ok=True)
-        prefix = self._scratch_prefix()
+        self._prepare_scratch(None)
+        with self._run_dir(None) as rundir:
+            return self._run_cold_in(disks, plan, backup_id, checkpoint, rundir)
+
+    def _run_cold_in(self, disks: list[vxml.Disk], plan: Plan, backup_id: str,
+                     checkpoint: str, rundir: str) -> Manifest:
         domain_xml = self.dom.xml(inactive=True)
         added: list[vxml.Disk] = []
         prev_cp = plan.parent.checkpoint if plan.parent else None
@@ -493,7 +749,8 @@ class _Backup:
 
             @contextlib.contextmanager
             def export(d: vxml.Disk, incremental: bool) -> Iterator[Client]:
-                with QemuNbd(d.path, d.format, f"{prefix}.{d.target}.sock", export=d.target,
+                with QemuNbd(d.path, d.format, os.path.join(rundir, f"{d.target}.sock"),
+                             export=d.target,
                              read_only=True, bitmap=prev_cp if incremental else None) as server, \
                         server.client(dirty=incremental) as client:
                     yield client
@@ -579,7 +836,9 @@ def backup(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
 
 def _backup_locked(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
                    ) -> dict[str, Any]:
-    with repo.lock_domain(req.domain, wait=req.lock_wait):
+    check_scratch_dir(req.scratch_dir)
+    with host_domain_lock(req.domain, wait=req.lock_wait), \
+            repo.lock_domain(req.domain, wait=req.lock_wait):
         return _Backup(repo, conn, req, hooks or Hooks()).run()
 
 
@@ -595,10 +854,15 @@ def backup_many(repo: Repository, conn: Connection, domains: Sequence[str],
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     wait = max((make_request(n).lock_wait for n in domains), default=0.0)
+    for n in domains[:1]:
+        check_scratch_dir(make_request(n).scratch_dir)  # a usage error, not N failures
     with repo.lock_shared(wait=wait):
         for name in domains:
             try:
                 res = _backup_locked(repo, conn, make_request(name), hooks)
+            except KeyboardInterrupt as e:
+                e.context = f"{name}: backup"  # type: ignore[attr-defined]
+                raise
             except Exception as e:  # one domain's failure, even a bug, must not cost the others
                 if isinstance(e, Error):
                     err = e

@@ -9,7 +9,7 @@ from typing import Any
 from backupkit import bitmaps as bm
 from backupkit import qemu, virt
 from backupkit.errors import Error, NotFound
-from backupkit.ops.backup import delete_checkpoint
+from backupkit.ops.backup import delete_checkpoint, host_domain_lock
 from backupkit.virt import Domain
 
 
@@ -92,18 +92,20 @@ def list_checkpoints(uri: str, domain: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _maybe_lock(repo_path: str | None, domain: str, wait: float) -> Iterator[None]:
-    if repo_path is None:
-        yield
-        return
-    from backupkit.repo import Repository
+    # The host-wide lock first: a backup into any repository may be using a checkpoint.
+    with host_domain_lock(domain, wait=wait):
+        if repo_path is None:
+            yield
+            return
+        from backupkit.repo import Repository
 
-    try:
-        repo = Repository.open(repo_path)
-    except NotFound:
-        yield
-        return
-    with repo.lock_domain(domain, wait=wait):
-        yield
+        try:
+            repo = Repository.open(repo_path)
+        except NotFound:
+            yield
+            return
+        with repo.lock_domain(domain, wait=wait):
+            yield
 
 
 def delete(uri: str, domain: str, name: str | None, *, repo_path: str | None = None,

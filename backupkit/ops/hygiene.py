@@ -34,7 +34,6 @@ from backupkit.errors import (
     UsageError,
 )
 from backupkit.ops import backup as backup_op
-from backupkit.ops.backup import PREFIX
 from backupkit.virt import Domain
 from backupkit.virt import xml as vxml
 from backupkit.virt.xml import CheckpointInfo, Disk
@@ -418,24 +417,26 @@ class LiveLayer:
 
 @contextlib.contextmanager
 def _domain_lock(repo: str | None, domain: str, wait: float) -> Iterator[Any]:
-    """Serialize with backups of the same domain when a repository is configured.
+    """Serialize with backups of the same domain (host-wide lock, whatever the
+    repository) and, when a repository is configured, with its domain lock.
 
     Yields the open Repository (or None when none is configured or it does
-    not exist: nothing can be backing up into it then).
+    not exist).
     """
-    if repo is None:
-        yield None
-        return
-    from backupkit.repo import Repository
+    with backup_op.host_domain_lock(domain, wait=wait):
+        if repo is None:
+            yield None
+            return
+        from backupkit.repo import Repository
 
-    try:
-        r = Repository.open(repo)
-    except NotFound:
-        log.warning("repository %s does not exist: not locking, not comparing", repo)
-        yield None
-        return
-    with r.lock_domain(domain, wait=wait):
-        yield r
+        try:
+            r = Repository.open(repo)
+        except NotFound:
+            log.warning("repository %s does not exist: not comparing", repo)
+            yield None
+            return
+        with r.lock_domain(domain, wait=wait):
+            yield r
 
 
 
@@ -869,16 +870,21 @@ def _read_disks(dom: Domain, running: bool) -> list[_DiskView]:
 
 def _analyse_domain(dom: Domain, views: Sequence[_DiskView],
                     checkpoints: Sequence[CheckpointInfo], latest: str | None,
-                    have_repo: bool) -> tuple[list[dict[str, Any]], dict[str, str],
+                    owner: str | None) -> tuple[list[dict[str, Any]], dict[str, str],
                                               list[str]]:
-    """(problems, checkpoints to delete -> reason, warnings)."""
+    """(problems, checkpoints to delete -> reason, warnings).
+
+    ``owner``: the repository's checkpoint prefix (None without a repository);
+    only that repository's checkpoints can be its leftovers, another repository
+    backing up the same domain keeps its own.
+    """
     problems: list[dict[str, Any]] = []
     delete: dict[str, str] = {}
     warnings: list[str] = []
     names = {cp.name for cp in checkpoints}
-    if have_repo:
+    if owner is not None:
         for cp in checkpoints:
-            if cp.name.startswith(PREFIX) and cp.name != latest:
+            if backup_op.owned(cp.name, owner) and cp.name != latest:
                 why = ("left by an interrupted run: the latest backup uses "
                        f"{latest}" if latest else "the repository has no backup of this domain")
                 problems.append(_problem(LEFTOVER, "", cp.name, why, checkpoint=cp.name))
@@ -953,6 +959,10 @@ def _remove_plan(views: Sequence[_DiskView], checkpoints: Sequence[CheckpointInf
     return plan
 
 
+def _owner_prefix(repo: Any) -> str | None:
+    return backup_op.checkpoint_prefix(repo) if repo is not None else None
+
+
 def _check_domain(domain: str, fix: bool, connect: str, repo: str | None, wait: float
                   ) -> dict[str, Any]:
     with virt.connect(connect) as conn, _domain_lock(repo, domain, wait) as r:
@@ -967,7 +977,7 @@ def _check_domain(domain: str, fix: bool, connect: str, repo: str | None, wait: 
         views = _read_disks(dom, running)
         checkpoints = dom.checkpoints()
         problems, delete, warnings = _analyse_domain(dom, views, checkpoints, latest,
-                                                     r is not None)
+                                                     _owner_prefix(r))
         deleted: list[dict[str, Any]] = []
         removed: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
@@ -1018,7 +1028,7 @@ def _check_domain(domain: str, fix: bool, connect: str, repo: str | None, wait: 
             views = _read_disks(dom, running)
             checkpoints = dom.checkpoints()
             remaining, _, warnings = _analyse_domain(dom, views, checkpoints, latest,
-                                                     r is not None)
+                                                     _owner_prefix(r))
         else:
             remaining = problems
         bitmaps_after: dict[str, list[dict[str, Any]]] = {}

@@ -372,7 +372,13 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
             except ValueError as e:
                 raise UsageError(f"disk {name} cannot be restored as qcow2: {e} "
                                  "(restore it as raw)") from None
-    os.makedirs(target_dir, exist_ok=True)
+    if define:
+        # The new domain's QEMU (an unprivileged user) must reach the files.
+        from backupkit import virt as _virt
+
+        _virt.make_reachable_dir(connect, manifest.domain_xml, target_dir)
+    else:
+        os.makedirs(target_dir, exist_ok=True)
     _remove_leftovers(target_dir, [d.name for d in manifest.disks])
 
     results = []

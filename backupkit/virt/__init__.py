@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -17,7 +18,8 @@ from typing import Any, TypeVar
 import libvirt
 
 from backupkit.errors import LibvirtError, NotFound, QuiesceFailed
-from backupkit.virt.xml import CheckpointInfo, Disk, parse_checkpoint, parse_disks
+from backupkit.virt.access import QemuUser, parse_dac_label
+from backupkit.virt.xml import CheckpointInfo, Disk, parse_checkpoint, parse_disks, redefine_xml
 
 log = logging.getLogger("backupkit.virt")
 
@@ -57,6 +59,20 @@ class Connection:
     def define(self, xml: str) -> Domain:
         return Domain(_call("define domain", self._conn.defineXML, xml))
 
+    def qemu_user(self, virt_type: str = "kvm") -> QemuUser | None:
+        """The DAC identity libvirt gives new QEMU processes (capabilities base label)."""
+        import xml.etree.ElementTree as ET
+
+        caps = ET.fromstring(_call("capabilities", self._conn.getCapabilities))
+        for model in caps.findall("./host/secmodel"):
+            if model.findtext("model") != "dac":
+                continue
+            labels = {b.get("type"): b.text or "" for b in model.findall("baselabel")}
+            label = labels.get(virt_type) or next(iter(labels.values()), "")
+            if label:
+                return parse_dac_label(label, "libvirt capabilities")
+        return None
+
     def close(self) -> None:
         with suppress(libvirt.libvirtError):
             self._conn.close()
@@ -91,6 +107,22 @@ class Domain:
 
     def disks(self) -> list[Disk]:
         return parse_disks(self.xml())
+
+    def virt_type(self) -> str:
+        import xml.etree.ElementTree as ET
+
+        return ET.fromstring(self.xml(inactive=True)).get("type", "kvm")
+
+    def qemu_user(self) -> QemuUser | None:
+        """The user and group this running domain's QEMU runs as (its DAC seclabel)."""
+        import xml.etree.ElementTree as ET
+
+        root = ET.fromstring(self.xml())
+        for sec in root.findall("./seclabel"):
+            label = sec.findtext("label")
+            if sec.get("model") == "dac" and label:
+                return parse_dac_label(label, "the domain's DAC label")
+        return None
 
     # --- checkpoints -------------------------------------------------------
 
@@ -136,6 +168,34 @@ class Domain:
     def backup_begin(self, backup_xml: str, checkpoint_xml: str | None) -> None:
         _call("backupBegin", self._dom.backupBegin, backup_xml, checkpoint_xml, 0,
               name=self.name)
+
+    def backup_job_paths(self) -> tuple[str, ...] | None:
+        """The running pull-mode backup job's NBD socket and scratch files (sorted),
+        which identify the job; None when no backup job runs."""
+        import xml.etree.ElementTree as ET
+
+        try:
+            xml = self._dom.backupGetXMLDesc(0)
+        except libvirt.libvirtError:
+            return None
+        root = ET.fromstring(xml)
+        server = root.find("server")
+        socket = server.get("socket", "") if server is not None else ""
+        scratch = sorted(s.get("file", "") for s in root.findall("./disks/disk/scratch"))
+        return (socket, *scratch)
+
+    def remove_orphan_bitmap(self, name: str, targets: list[str]) -> None:
+        """Remove bitmap ``name`` (which no checkpoint owns) from the disks ``targets``
+        of a running domain, in every layer: libvirt reaches it through a checkpoint of
+        that name, redefined for the purpose and deleted at once (HOST-FACTS)."""
+        info = CheckpointInfo(name, None, int(time.time()), {t: name for t in targets})
+        self.redefine_checkpoint(redefine_xml(info))
+        try:
+            self.delete_checkpoint(name)
+        except (LibvirtError, NotFound):
+            with suppress(LibvirtError, NotFound):
+                self.delete_checkpoint(name, metadata_only=True)
+            raise
 
     def backup_job_active(self) -> bool:
         try:
@@ -234,6 +294,44 @@ def define_restored(uri: str, manifest: Any, new_name: str, disk_paths: dict[str
         conn.define(xml)
         log.info("defined domain %s from backup %s/%s", new_name, manifest.domain, manifest.id)
         return new_name
+
+
+def make_reachable_dir(uri: str, domain_xml: str, path: str) -> None:
+    """Create directory ``path`` for images a domain will open, reachable by QEMU's user.
+
+    libvirt chowns the image files for QEMU but not the directories above them.
+    Directories created here get the search bits (``go+x``, never read), as does
+    ``path`` itself when we own it; a directory above that QEMU's user cannot enter
+    is an error (UsageError naming it), with what was created here removed again.
+    """
+    import xml.etree.ElementTree as ET
+
+    from backupkit.errors import UsageError
+    from backupkit.virt.access import blocking_dir, make_searchable
+
+    path = os.path.abspath(path)
+    virt_type = ET.fromstring(domain_xml).get("type", "kvm")
+    with connect(uri) as conn:
+        user = conn.qemu_user(virt_type)
+    created = []
+    p = path
+    while not os.path.lexists(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    if user is None or user.privileged:
+        return
+    for d in [*created, path]:
+        make_searchable(d, user)
+    blocked = blocking_dir(path, user)
+    if blocked:
+        for d in created:
+            with suppress(OSError):
+                os.rmdir(d)
+        mode = oct(os.stat(blocked).st_mode & 0o7777)
+        raise UsageError(f"restore target {path}: QEMU runs as {user.describe()} and cannot "
+                         f"enter {blocked} (mode {mode}), so the defined domain could not open "
+                         "its disks: make it searchable (chmod o+x) or choose another --target")
 
 
 def domain_exists(uri: str, name: str) -> bool:

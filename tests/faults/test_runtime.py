@@ -175,3 +175,37 @@ def test_second_backup_gc_prune_while_backup_runs(make_domain: MakeDomain, bk: B
     assert nxt["mode"] == "incremental", nxt["reason"]
     bk.survivors(td)
     bk.nothing_left(td, libvirt_conn)
+
+
+def test_reattached_disk_loses_its_stale_bitmap(make_domain: MakeDomain, bk: Bk,
+                                               libvirt_conn: object) -> None:
+    """Detach a disk, back up, reattach it: the bitmap of the checkpoint deleted while
+    the disk was away records for ever (a stale bitmap is what makes merges run out
+    of space) unless a backup removes it (issue 17 item 8)."""
+    from backupkit import virt
+
+    td = make_domain([("qcow2", 16 * MiB), ("qcow2", 16 * MiB)], running=False)
+    td.write("vda", 0, 1 * MiB, 0x11)
+    td.write("vdb", 0, 1 * MiB, 0x12)
+    first = bk.backup(td)
+    vdb = td.disk("vdb").path
+    assert list(rig.bitmaps(vdb)) == [first["checkpoint"]]
+
+    subprocess.run(["virsh", "-c", rig.URI, "detach-disk", td.name, "vdb", "--config"],
+                   check=True, capture_output=True)
+    second = bk.json("backup", td.name)
+    assert [d["name"] for d in second["disks"]] == ["vda"]
+    assert list(rig.bitmaps(vdb)) == [first["checkpoint"]], "left behind on the detached disk"
+
+    subprocess.run(["virsh", "-c", rig.URI, "attach-disk", td.name, str(vdb), "vdb",
+                    "--driver", "qemu", "--subdriver", "qcow2", "--targetbus", "virtio",
+                    "--config"], check=True, capture_output=True)
+    td.start()
+    third = bk.json("backup", td.name)
+    assert third["mode"] == "full" and "vdb" in third["reason"], third["reason"]
+    dom = virt.connect(rig.URI).domain(td.name)
+    live = dom.block_bitmaps()
+    for d in td.disks:
+        names = [b["name"] for b in live[str(d.path)]]
+        assert names == [third["checkpoint"]], (d.target, names)
+    assert [c.name for c in dom.checkpoints()] == [third["checkpoint"]]

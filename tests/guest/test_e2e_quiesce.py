@@ -256,7 +256,8 @@ def test_quiesce_without_agent_fails_then_try_backs_up(
     assert g.name in err["message"] and "agent" in err["message"], err
     errors = [line for line in cp.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "Traceback" not in cp.stderr, cp.stderr
-    assert f"{g.name}: cannot quiesce: " in errors[0] and "agent" in errors[0], errors[0]
+    assert f"{g.name}: backup failed: cannot quiesce: " in errors[0] \
+        and "agent" in errors[0], errors[0]
     assert g.dom.listAllCheckpoints(0) == []
     assert not job_active(g.dom)
     assert scratch_left(work) == []

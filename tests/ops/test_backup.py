@@ -259,3 +259,42 @@ def test_several_domains_one_failure_exits_6(
     assert cp.returncode == 6
     rows = [line for line in cp.stdout.splitlines() if a.name in line or "no-such-vm" in line]
     assert len(rows) == 2, cp.stdout
+
+
+def test_journal_gets_one_line_per_backup(make_domain: Callable[..., rig.TestDomain],
+                                          tmp_path: Path) -> None:
+    """Under systemd (stderr and stdout are the journal stream): one info line per
+    backup, no result summary; an error line names the domain once."""
+    import os
+    import subprocess
+    import sys
+
+    td = make_domain([("qcow2", 16 * MiB), ("qcow2", 16 * MiB)])
+    td.write("vda", 0, MiB, 0x11)
+    cfg = tmp_path / "bk.toml"
+    cfg.write_text(f'repository = "{tmp_path / "repo"}"\nscratch_dir = "{tmp_path / "s"}"\n')
+    assert run_cli("--config", str(cfg), "init").returncode == 0
+
+    def journal_run(*args: str) -> tuple[int, list[str]]:
+        out = tmp_path / "journal"
+        with open(out, "w+") as f:
+            st = os.fstat(f.fileno())
+            env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPKIT_")}
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            cp = subprocess.run([sys.executable, "-m", "backupkit", "--config", str(cfg),
+                                 *args], stdout=f, stderr=f, env=env, timeout=120)
+        return cp.returncode, out.read_text().splitlines()
+
+    rc, lines = journal_run("backup", td.name)
+    assert rc == 0, lines
+    info = [ln for ln in lines if ln.startswith("<6>")]
+    assert len(info) == 1 and info[0].startswith(f"<6>{td.name}: backup ") \
+        and "done" in info[0], lines
+    assert all(ln.startswith("<") for ln in lines), lines  # no summary on stdout
+
+    td2 = make_domain([("qcow2", 16 * MiB)])
+    rc, lines = journal_run("backup", "--mode", "incremental", td2.name)
+    assert rc == 1, lines
+    (err,) = [ln for ln in lines if ln.startswith("<3>")]
+    assert err.startswith(f"<3>{td2.name}: backup failed: incremental backup impossible"), err
+    assert err.count(td2.name) == 1, err
