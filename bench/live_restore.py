@@ -98,10 +98,6 @@ def main() -> int:
         out["original_boot_seconds"] = round(guest.boot_seconds, 2)
         time.sleep(2)  # a few files from the writer
         scratch = work / "scratch"
-        scratch.mkdir()
-        ids = live.qemu_ids()
-        if ids:
-            os.chown(scratch, *ids)
         cfg = work / "bk.toml"
         cfg.write_text(f'repository = "{work / "repo"}"\nscratch_dir = "{scratch}"\n')
         cli(cfg, "init")

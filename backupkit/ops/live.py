@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import shutil
 import time
 from collections.abc import Callable
@@ -43,21 +42,21 @@ log = logging.getLogger("backupkit.live")
 
 RUN_DIR = serve.RUN_DIR
 POLL = 0.2
-#: QEMU's unprivileged user on Debian (libvirt's build default; qemu.conf "user").
-QEMU_USERS = ("libvirt-qemu", "qemu")
-
 Progress = Callable[[int], object]
 
 
-def qemu_ids() -> tuple[int, int] | None:
-    """(uid, gid) QEMU runs as, or None when no such user exists (QEMU runs as root)."""
-    for name in QEMU_USERS:
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return pw.pw_uid, pw.pw_gid
-    return None
+def qemu_owner(connect: str, domain_xml: str) -> tuple[int, int] | None:
+    """(uid, gid) the new domain's QEMU will run as (libvirt's DAC label for its virt
+    type), or None when QEMU runs privileged or libvirt names no DAC identity."""
+    import xml.etree.ElementTree as ET
+
+    from backupkit import virt
+
+    with virt.connect(connect) as conn:
+        user = conn.qemu_user(ET.fromstring(domain_xml).get("type", "kvm"))
+    if user is None or user.privileged:
+        return None
+    return user.uid, user.gid
 
 
 def state_dir(name: str) -> str:
@@ -96,7 +95,8 @@ def _run_dir(name: str) -> str:
 
 
 def _start_server(repo: Repository, doc: dict[str, Any]) -> None:
-    ids = qemu_ids()
+    owner = doc.get("qemu_owner")
+    ids = (int(owner[0]), int(owner[1])) if owner else None
     server, _res = serve.start(repo, doc["repo"], doc["config"], doc["source"], doc["id"],
                                doc["socket"], log_path=doc["socket"] + ".log", detach=True,
                                socket_owner=ids, socket_mode=0o600,
@@ -146,11 +146,15 @@ def live_restore(repo: Repository, repo_location: str, config_path: str | None, 
             raise UsageError(f"{path} already exists")
     for n in names:
         repo.load_index(manifest, n)  # a damaged index fails before anything is made
-    os.makedirs(target_dir, exist_ok=True)
+    from backupkit import virt
+
+    # the new domain's QEMU (an unprivileged user) must reach the overlays
+    virt.make_reachable_dir(connect, manifest.domain_xml, target_dir)
     sdir = _run_dir(define)
     doc = {"name": define, "source": manifest.domain, "id": manifest.id, "connect": connect,
            "repo": repo_location, "config": config_path, "target": target_dir,
            "passphrase_file": passphrase_file,
+           "qemu_owner": qemu_owner(connect, manifest.domain_xml),
            "socket": os.path.join(sdir, "nbd.sock"), "overlays": overlays,
            "server_pid": None, "started_at": t0, "seconds_to_start": None, "defined": False}
     _save(doc)
@@ -249,6 +253,17 @@ def wait(name: str, *, progress: Callable[[str, int], Progress | None] | None = 
     if doc is None:
         raise NotFound("live restore", name)
     live = LiveDomain(doc["connect"], name)
+    try:
+        return _wait(doc, live, progress, timeout)
+    except KeyboardInterrupt:
+        log.warning("The copy into %s goes on inside QEMU: 'backupkit restore-status %s' "
+                    "reports and finishes it", name, name)
+        raise
+
+
+def _wait(doc: dict[str, Any], live: Any, progress: Callable[[str, int], Progress | None]
+          | None, timeout: float | None) -> dict[str, Any]:
+    name = doc["name"]
     bar: Progress | None = None
     done = 0
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -43,8 +43,10 @@ from backupkit.repo.names import check_name
 
 log = logging.getLogger("backupkit.serve")
 
-#: Sockets, state and (for live restores and drills) overlays of running servers.
-RUN_DIR = "/run/backupkit"
+#: Sockets, state and (for live restores and drills) overlays of running servers.  Not
+#: /run/backupkit (host-wide locks): the units reset that one to 0700 at every start,
+#: while QEMU's user must pass through this one (0711) to reach the sockets.
+RUN_DIR = "/run/backupkit-exports"
 #: Put-together slots kept in memory per disk (bytes), see DiskReader.
 DEFAULT_CACHE_BYTES = 64 << 20
 #: Slots read ahead in the background once a reader goes sequentially.
@@ -443,7 +445,8 @@ def serve(repo: Repository, repo_location: str, config_path: str | None, domain:
           cache_bytes: int = DEFAULT_CACHE_BYTES, passphrase_file: str | None = None,
           on_ready: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
     """The serve command: in the background return once the socket answers; in the
-    foreground serve until interrupted (SIGINT/SIGTERM), then stop the server."""
+    foreground serve until interrupted (SIGINT, SIGTERM, SIGHUP: exit 0), then stop the
+    server."""
     log_path = os.path.abspath(socket_path) + ".log" if background else None
     server, result = start(repo, repo_location, config_path, domain, backup, socket_path,
                            disk=disk, log_path=log_path, detach=background,
@@ -454,30 +457,22 @@ def serve(repo: Repository, repo_location: str, config_path: str | None, domain:
     result["background"] = False
     if on_ready is not None:
         on_ready(result)
-    stopping: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stopping.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server.pid, signal.SIGTERM)
-
     proc = server.proc
     assert proc is not None
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = proc.wait()
-    except KeyboardInterrupt:
-        stopping.append(signal.SIGINT)
+    except KeyboardInterrupt:  # SIGINT, SIGTERM, SIGHUP (the CLI raises Interrupted)
+        log.info("Stopping the server")
         server.stop()
-        rc = proc.returncode
+        result["stopped"] = True
+        return result
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         server.stop()
-    if not stopping and rc != 0:
-        raise OperationFailed(f"nbdkit exited with status {rc}")
-    result["stopped"] = True
-    return result
+    if rc == 0:  # nbdkit stops cleanly only when told to (a Ctrl-C reaches it too)
+        result["stopped"] = True
+        return result
+    raise OperationFailed(f"nbdkit exited with status {rc} on its own"
+                          f"{': ' + _tail(server.log_path) if server.log_path else ''}")
 
 
 def served_disks(manifest: Manifest, disks: Sequence[str]) -> list[str]:

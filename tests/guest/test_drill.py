@@ -36,10 +36,6 @@ def test_drill_passes_then_fails_on_damage_leaving_nothing(
         tmp_path: Path) -> None:
     guest = linux_guest_factory()
     scratch = tmp_path / "s"
-    scratch.mkdir()
-    ids = live.qemu_ids()
-    if ids:
-        os.chown(scratch, *ids)
     repo_path = tmp_path / "repo"
     metrics = tmp_path / "metrics.prom"
     cfg = tmp_path / "bk.toml"

@@ -49,10 +49,6 @@ def _backed_up(make_domain: Callable[..., rig.TestDomain], tmp_path: Path, repo_
         td.write("vda", i * rig.MiB, rig.MiB, 0x30 + i)
     td.write("vdb", 5 * rig.MiB, 3 * rig.MiB, 0x77)
     scratch = tmp_path / "s"
-    scratch.mkdir()
-    ids = live.qemu_ids()
-    if ids:  # QEMU binds the backup's socket there (until backup.py makes its own run dir)
-        os.chown(scratch, *ids)
     cfg = tmp_path / "bk.toml"
     cfg.write_text(f'repository = "{repo_path}"\nscratch_dir = "{scratch}"\n')
     base = ["--config", str(cfg), "--json"]
