@@ -177,7 +177,6 @@ class Repository:
             # zstd reads 0 as "its default" (3): recording 0 would hide the level in use.
             raise UsageError(f"zstd compression level must be in -7..-1 or 1..22 "
                              f"(0 would mean zstd's default, 3), not {compression_level}")
-        storage.create(CONFIG_KEY)
         config: dict[str, Any] = {
             "format": REPO_FORMAT,
             "version": PLAIN_VERSION,
@@ -189,9 +188,9 @@ class Repository:
             "compression_level": compression_level,
         }
         key = None
+        keyfile = escrow = None
         if encryption is not None:
             key = crypto.DataKey.generate(config["id"], hash_name)
-            escrow = None
             if master_pubkey is not None:  # checked before anything is written
                 escrow = crypto.seal_to_master(key, master_pubkey[1], master_pubkey[0])
             keyfile = crypto.wrap_key(key, encryption.get(confirm=True), config["created"])
@@ -199,6 +198,10 @@ class Repository:
             config["encryption"] = {"cipher": crypto.CIPHER,
                                     "chunk_names": f"{hash_name}-keyed",
                                     "kdf": "scrypt", "key_check": key.check}
+        # Every check and question first (the passphrase above): nothing is written until
+        # here, not even the directory.
+        storage.create(CONFIG_KEY)
+        if keyfile is not None:
             # The keys before config.json: a repository never exists without its key.
             storage.put_if_absent(f"{crypto.KEYS_DIR}{secrets.token_hex(8)}.json", keyfile)
             if escrow is not None:

@@ -161,3 +161,13 @@ def test_bad_master_pubkey_writes_nothing(tmp_path: Path) -> None:
         Repository.init(str(tmp_path / "r"), chunk_size=CHUNK, encryption=pp(tmp_path, "p"),
                         master_pubkey=(str(bad), bad.read_bytes()))
     assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_init_without_a_passphrase_writes_nothing(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BACKUPKIT_PASSPHRASE", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO())
+    with pytest.raises(errors.KeyRequired):
+        Repository.init(str(tmp_path / "r"), encryption=crypto.Passphrase())
+    assert not (tmp_path / "r").exists()
