@@ -165,6 +165,16 @@ def build_parser() -> ArgumentParser:
     _wait(s)
     s.set_defaults(func=cmd_gc)
 
+    s = sub.add_parser("copy", help="copy backups to another repository (only missing chunks)")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: every domain")
+    s.add_argument("--to", required=True, metavar="PATH|URL", help="the target repository")
+    s.add_argument("--latest", type=int, metavar="N",
+                   help="only the N newest backups of each domain")
+    s.add_argument("--to-passphrase-file", metavar="PATH",
+                   help="passphrase of an encrypted target (else $BACKUPKIT_TO_PASSPHRASE, "
+                        "else the source's)")
+    s.set_defaults(func=cmd_copy)
+
     kp = sub.add_parser("key", help="the key of an encrypted repository")
     kps = kp.add_subparsers(dest="key_command", metavar="ACTION", required=True,
                             parser_class=ArgumentParser)
@@ -299,6 +309,20 @@ def cmd_init(args: argparse.Namespace, cfg: config.Config) -> Any:
              repo.hash_name)
     return {"repository": repo.path, "chunk_size": repo.chunk_size, "hash": repo.hash_name,
             "encrypted": repo.encrypted}
+
+
+def cmd_copy(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import transfer
+    from backupkit.repo import Repository, crypto
+    from backupkit.repo.url import open_storage
+
+    src = _open_repo(args, cfg)
+    to_env = os.environ.get("BACKUPKIT_TO_PASSPHRASE")
+    pp = crypto.Passphrase(file=args.to_passphrase_file or args.passphrase_file,
+                           config_file=cfg.passphrase_file,
+                           env="BACKUPKIT_TO_PASSPHRASE" if to_env else crypto.PASSPHRASE_ENV)
+    dst = Repository.open(open_storage(args.to, cfg), pp)
+    return transfer.copy(src, dst, list(dict.fromkeys(args.domains)), args.latest)
 
 
 def cmd_key(args: argparse.Namespace, cfg: config.Config) -> Any:

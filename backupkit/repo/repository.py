@@ -384,10 +384,7 @@ class Repository:
         else:
             parts = [_CODEC_NONE_B, data]
         if self.encrypted:  # compressed first: ciphertext does not compress
-            plain = bytearray(1 + memoryview(parts[1]).nbytes)
-            plain[0] = parts[0][0]
-            plain[1:] = parts[1]
-            parts = [self._seal(plain, crypto.AD_CHUNK + digest)]
+            parts = self.key.seal_parts(parts, crypto.AD_CHUNK + digest)
         written = self.storage.put_if_absent(key, parts, deferred=True)
         return digest, (sum(memoryview(p).nbytes for p in parts) if written else 0)
 
