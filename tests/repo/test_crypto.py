@@ -171,3 +171,27 @@ def test_init_without_a_passphrase_writes_nothing(tmp_path: Path,
     with pytest.raises(errors.KeyRequired):
         Repository.init(str(tmp_path / "r"), encryption=crypto.Passphrase())
     assert not (tmp_path / "r").exists()
+
+
+def test_key_passwd_export_import(enc: Repository, tmp_path: Path) -> None:
+    from backupkit.ops import key as keyop
+
+    old, new = pp(tmp_path, "correct horse"), pp(tmp_path, "battery staple", "new")
+    res = keyop.passwd(Repository.open(enc.path), old, new)
+    assert Repository.open(enc.path).key_files() == [res["key_file"]]
+    with pytest.raises(errors.WrongKey):
+        Repository.open(enc.path, old)
+    Repository.open(enc.path, new)
+    # A copy of the key file comes back after every key file is gone, and must open
+    # with the passphrase (a wrong one: exit 2, nothing stored).
+    keyop.export(Repository.open(enc.path), new, str(tmp_path / "k.json"), paper=False)
+    Path(enc.path, res["key_file"]).unlink()
+    before = files(Path(enc.path))
+    with pytest.raises(errors.WrongKey):
+        keyop.import_key(Repository.open(enc.path), old, str(tmp_path / "k.json"), paper=False)
+    assert files(Path(enc.path)) == before
+    keyop.import_key(Repository.open(enc.path), new, str(tmp_path / "k.json"), paper=False)
+    Repository.open(enc.path, new)
+    # export never replaces a file.
+    with pytest.raises(errors.UsageError, match="exists"):
+        keyop.export(Repository.open(enc.path), new, str(tmp_path / "k.json"), paper=True)
