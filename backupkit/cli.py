@@ -544,6 +544,7 @@ def cmd_hygiene_check(args: argparse.Namespace, cfg: config.Config) -> Any:
     if bool(args.domain) == bool(args.image):
         raise errors.UsageError("hygiene check needs DOMAIN or --image PATH..., not both")
     return hygiene.check(images=list(args.image), domain=args.domain, fix=args.fix,
+                         passphrase=_passphrase(args, cfg),
                          connect=_uri(args, cfg),
                          repo=_optional_repo(args, cfg, args.domain),
                          wait=_lock_wait(args, cfg))

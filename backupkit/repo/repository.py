@@ -129,6 +129,7 @@ class Repository:
         #: Encrypted (version 3): every object sealed, chunk names keyed (docs/format.md).
         self.encrypted = "encryption" in config
         self._key = key
+        self._passphrase: crypto.Passphrase | None = None  # for a lazy unlock
         #: The largest chunk file: codec byte and data, plus nonce and tag when sealed.
         self.chunk_max = self.chunk_size + 1 + (crypto.OVERHEAD if self.encrypted else 0)
         self._tls = threading.local()
@@ -222,13 +223,14 @@ class Repository:
         return cls(path, storage, config, key)
 
     @classmethod
-    def open(cls, location: str | Storage, passphrase: crypto.Passphrase | None = None
-             ) -> Repository:
+    def open(cls, location: str | Storage, passphrase: crypto.Passphrase | None = None,
+             *, lazy: bool = False) -> Repository:
         """Open the repository at location: a path, a URL (backupkit.repo.url) or a Storage.
 
         An encrypted repository is unlocked at once with passphrase when one is
-        given (WrongKey, exit 2, before anything is written); without, on first
-        use from the default places ($BACKUPKIT_PASSPHRASE, systemd credential).
+        given (WrongKey, exit 2, before anything is written) unless lazy (for a
+        caller that may only lock); else on first use, from passphrase or the
+        default places ($BACKUPKIT_PASSPHRASE, systemd credential, a prompt).
         """
         storage = open_storage(location) if isinstance(location, str) else location
         path = storage.location
@@ -244,7 +246,8 @@ class Repository:
         except CorruptRepository as e:
             raise CorruptRepository(f"bad config.json: {e.reason}", path=path) from e
         repo = cls(path, storage, _parse_config(raw, path))
-        if repo.encrypted and passphrase is not None:
+        repo._passphrase = passphrase
+        if repo.encrypted and passphrase is not None and not lazy:
             repo.unlock(passphrase)
         return repo
 
@@ -256,7 +259,7 @@ class Repository:
         if self._key is None:
             if not self.encrypted:
                 raise UsageError(f"repository {self.path} is not encrypted")
-            self.unlock(crypto.Passphrase())
+            self.unlock(self._passphrase or crypto.Passphrase())
         assert self._key is not None
         return self._key
 

@@ -80,6 +80,9 @@ def test_encrypted_round_trip_and_key_loss_drill(
         restored(bid, f"restore-{bid}")
     rc, res = cli("verify", "--data")
     assert rc == 0, res
+    # hygiene check reads the latest manifest with the config's passphrase_file too.
+    rc, res = cli("hygiene", "check", td.name)
+    assert rc == 0, res
 
     # A wrong passphrase: exit 2, one line, no object and no checkpoint made.
     before = objects(location)
