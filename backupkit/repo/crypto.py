@@ -238,6 +238,10 @@ def parse_key_file(raw: bytes, where: str) -> dict[str, Any]:
             v = kdf[k]
             if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1 << 24:
                 raise ValueError(f"bad scrypt parameter {k}")
+        n, r, p = kdf["n"], kdf["r"], kdf["p"]
+        # What hashlib.scrypt itself accepts: a power of two above 1, within its memory.
+        if n < 2 or n & (n - 1) or 128 * r * n + 128 * r * p > _SCRYPT_MAXMEM:
+            raise ValueError("scrypt parameters out of range")
         _unb64(kdf["salt"], "salt")
         _unb64(doc["data"], "data")
         if not isinstance(doc["repository"], str):
@@ -250,8 +254,11 @@ def parse_key_file(raw: bytes, where: str) -> dict[str, Any]:
 def unwrap_key(doc: dict[str, Any], passphrase: bytes, hash_name: str) -> DataKey | None:
     """The data key of a parsed key file, or None if passphrase does not open it."""
     kdf = doc["kdf"]
-    kek = AESGCM(_scrypt(passphrase, _unb64(kdf["salt"], "salt"), kdf["n"], kdf["r"],
-                         kdf["p"]))
+    try:
+        kek = AESGCM(_scrypt(passphrase, _unb64(kdf["salt"], "salt"), kdf["n"], kdf["r"],
+                             kdf["p"]))
+    except ValueError:  # parameters scrypt refuses: this file opens nothing
+        return None
     blob = _unb64(doc["data"], "data")
     try:
         secret = kek.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:],

@@ -246,10 +246,27 @@ class Repository:
         except CorruptRepository as e:
             raise CorruptRepository(f"bad config.json: {e.reason}", path=path) from e
         repo = cls(path, storage, _parse_config(raw, path))
+        if not repo.encrypted:
+            repo._refuse_plaintext(passphrase)
         repo._passphrase = passphrase
         if repo.encrypted and passphrase is not None and not lazy:
             repo.unlock(passphrase)
         return repo
+
+    def _refuse_plaintext(self, passphrase: crypto.Passphrase | None) -> None:
+        """config.json is the one object nobody can authenticate: one that says
+        "unencrypted" beside key files was replaced, and a client given a passphrase
+        expects an encrypted repository.  Either way, writing in the clear is refused."""
+        if self.storage.exists(crypto.ESCROW_KEY) or self.storage.children(crypto.KEYS_DIR):
+            raise CorruptRepository(
+                "config.json says the repository is not encrypted, but it holds key files: "
+                "config.json was replaced or damaged; nothing is read or written in the clear",
+                path=self.path)
+        if passphrase is not None and (passphrase.file or passphrase.config_file):
+            raise UsageError(
+                f"repository {self.path} is not encrypted, but a passphrase file is "
+                "configured (--passphrase-file or passphrase_file): check that this is the "
+                "repository meant, or drop the passphrase setting")
 
     # -- keys (encrypted repositories) ------------------------------------------
 

@@ -195,3 +195,42 @@ def test_key_passwd_export_import(enc: Repository, tmp_path: Path) -> None:
     # export never replaces a file.
     with pytest.raises(errors.UsageError, match="exists"):
         keyop.export(Repository.open(enc.path), new, str(tmp_path / "k.json"), paper=True)
+
+
+def test_config_replaced_by_an_unencrypted_one_is_refused(enc: Repository, tmp_path: Path
+                                                          ) -> None:
+    """config.json is the one object nobody can authenticate.  Replaced by one saying
+    "unencrypted" (version 2, no encryption), the repository used to open and take new
+    chunks in the clear; the key files beside it now give the swap away (exit 5)."""
+    import json
+
+    cfg = Path(enc.path) / "config.json"
+    doc = json.loads(cfg.read_bytes())
+    del doc["encryption"]
+    doc["version"] = 2
+    cfg.write_text(json.dumps(doc))
+    for who in (None, pp(tmp_path, "correct horse")):
+        with pytest.raises(errors.CorruptRepository, match="holds key files") as e:
+            Repository.open(enc.path, who)
+        assert e.value.exit_code == 5
+
+
+def test_passphrase_file_on_an_unencrypted_repository_is_refused(tmp_path: Path) -> None:
+    plain = Repository.init(str(tmp_path / "plain"), chunk_size=CHUNK)
+    with pytest.raises(errors.UsageError, match="not encrypted, but a passphrase file"):
+        Repository.open(plain.path, pp(tmp_path, "anything"))
+    assert not Repository.open(plain.path).encrypted  # without one: as always
+
+
+def test_a_key_file_scrypt_refuses_is_skipped(enc: Repository, tmp_path: Path) -> None:
+    """A key file whose scrypt parameters hashlib refuses (n not a power of two) used to
+    end unlock with an internal error; it is skipped, and a good key file still opens."""
+    import json
+
+    keys = Path(enc.path) / "keys"
+    good = next(keys.iterdir())
+    doc = json.loads(good.read_bytes())
+    doc["kdf"]["n"] = 3
+    (keys / "0000bad.json").write_text(json.dumps(doc))
+    again = Repository.open(enc.path)
+    assert again.unlock(pp(tmp_path, "correct horse")) == f"keys/{good.name}"
