@@ -67,6 +67,9 @@ def build_parser() -> ArgumentParser:
                    help="repository: a directory, file:///PATH or s3://BUCKET/PREFIX "
                         "(default: config 'repository', else $BACKUPKIT_REPO)")
     p.add_argument("--connect", metavar="URI", help="libvirt URI (default qemu:///system)")
+    p.add_argument("--passphrase-file", metavar="PATH",
+                   help="passphrase of an encrypted repository (else $BACKUPKIT_PASSPHRASE, "
+                        "the systemd credential backupkit-passphrase, config passphrase_file)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON document on stdout; logs go to stderr")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -84,6 +87,12 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--hash", choices=("blake3", "sha256"), default="blake3",
                    help="chunk hash, fixed for the repository's life (default blake3, "
                         "about 4x faster; sha256 where a FIPS-approved hash is required)")
+    s.add_argument("--encryption", action="store_true",
+                   help="encrypt and authenticate everything (AES-256-GCM); the key is "
+                        "wrapped by the passphrase")
+    s.add_argument("--master-pubkey", metavar="FILE",
+                   help="also seal the key to this X25519 or RSA public key (PEM), for "
+                        "'key recover --master-key'")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("backup", help="back up domains (full or incremental)")
@@ -203,6 +212,37 @@ def build_parser() -> ArgumentParser:
     _wait(s)
     s.set_defaults(func=cmd_gc)
 
+    s = sub.add_parser("copy", help="copy backups to another repository (only missing chunks)")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: every domain")
+    s.add_argument("--to", required=True, metavar="PATH|URL", help="the target repository")
+    s.add_argument("--latest", type=int, metavar="N",
+                   help="only the N newest backups of each domain")
+    s.add_argument("--to-passphrase-file", metavar="PATH",
+                   help="passphrase of an encrypted target (else $BACKUPKIT_TO_PASSPHRASE, "
+                        "else the source's)")
+    s.set_defaults(func=cmd_copy)
+
+    kp = sub.add_parser("key", help="the key of an encrypted repository")
+    kps = kp.add_subparsers(dest="key_command", metavar="ACTION", required=True,
+                            parser_class=ArgumentParser)
+    s = kps.add_parser("show", help="key files and escrow (no secret)")
+    s.set_defaults(func=cmd_key, key_action="show")
+    for name, helptext in (("export", "write the key to FILE (never overwrites)"),
+                           ("import", "add a key file from FILE (an export or a paper key)")):
+        s = kps.add_parser(name, help=helptext)
+        s.add_argument("file", metavar="FILE")
+        s.add_argument("--paper", action="store_true",
+                       help="the printable form: the key itself in checksummed lines")
+        s.set_defaults(func=cmd_key, key_action=name)
+    s = kps.add_parser("passwd", help="change the passphrase")
+    s.add_argument("--new-passphrase-file", metavar="PATH",
+                   help="the new passphrase (else $BACKUPKIT_NEW_PASSPHRASE, else a prompt)")
+    s.set_defaults(func=cmd_key, key_action="passwd")
+    s = kps.add_parser("recover", help="new key file from the master key escrow")
+    s.add_argument("--master-key", required=True, metavar="FILE",
+                   help="the master private key (PEM) matching init's --master-pubkey")
+    s.set_defaults(func=cmd_key, key_action="recover")
+
     cp = sub.add_parser("checkpoint", help="list or delete libvirt checkpoints")
     cps = cp.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True,
                             parser_class=ArgumentParser)
@@ -266,11 +306,19 @@ def _repo_path(args: argparse.Namespace, cfg: config.Config, domain: str | None 
     return str(path)
 
 
-def _open_repo(args: argparse.Namespace, cfg: config.Config, domain: str | None = None) -> Any:
+def _passphrase(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.repo import crypto
+
+    return crypto.Passphrase(file=args.passphrase_file, config_file=cfg.passphrase_file)
+
+
+def _open_repo(args: argparse.Namespace, cfg: config.Config, domain: str | None = None,
+               unlock: bool = True) -> Any:
     from backupkit.repo import Repository
     from backupkit.repo.url import open_storage
 
-    return Repository.open(open_storage(_repo_path(args, cfg, domain), cfg))
+    return Repository.open(open_storage(_repo_path(args, cfg, domain), cfg),
+                           _passphrase(args, cfg) if unlock else None)
 
 
 def _uri(args: argparse.Namespace, cfg: config.Config) -> str:
@@ -290,16 +338,58 @@ def cmd_init(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.repo.url import open_storage
 
     path = _repo_path(args, cfg)
+    pubkey = None
+    if args.master_pubkey:
+        from backupkit.ops.key import read_small
+
+        pubkey = (args.master_pubkey, read_small(args.master_pubkey, "master public key"))
     # "is None", not "or": --chunk-size 0 is an error, never the default.
     repo = Repository.init(
         open_storage(path, cfg),
         chunk_size=cfg.chunk_size if args.chunk_size is None else args.chunk_size,
         compression_level=(cfg.backup.compression_level if args.compression_level is None
                            else args.compression_level),
-        hash_name=args.hash)
-    log.info("initialized repository %s (chunk size %d, %s)", repo.path, repo.chunk_size,
+        hash_name=args.hash, encryption=_passphrase(args, cfg) if args.encryption else None,
+        master_pubkey=pubkey)
+    log.info("initialized %srepository %s (chunk size %d, %s)",
+             "encrypted " if repo.encrypted else "", repo.path, repo.chunk_size,
              repo.hash_name)
-    return {"repository": repo.path, "chunk_size": repo.chunk_size, "hash": repo.hash_name}
+    return {"repository": repo.path, "chunk_size": repo.chunk_size, "hash": repo.hash_name,
+            "encrypted": repo.encrypted}
+
+
+def cmd_copy(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import transfer
+    from backupkit.repo import Repository, crypto
+    from backupkit.repo.url import open_storage
+
+    src = _open_repo(args, cfg)
+    to_env = os.environ.get("BACKUPKIT_TO_PASSPHRASE")
+    pp = crypto.Passphrase(file=args.to_passphrase_file or args.passphrase_file,
+                           config_file=cfg.passphrase_file,
+                           env="BACKUPKIT_TO_PASSPHRASE" if to_env else crypto.PASSPHRASE_ENV)
+    dst = Repository.open(open_storage(args.to, cfg), pp)
+    return transfer.copy(src, dst, list(dict.fromkeys(args.domains)), args.latest)
+
+
+def cmd_key(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from backupkit.ops import key
+    from backupkit.repo import crypto
+
+    repo = _open_repo(args, cfg, unlock=False)
+    pp = _passphrase(args, cfg)
+    action = args.key_action
+    if action == "show":
+        return key.show(repo)
+    if action == "export":
+        return key.export(repo, pp, args.file, paper=args.paper)
+    if action == "import":
+        return key.import_key(repo, pp, args.file, paper=args.paper)
+    if action == "passwd":
+        new = crypto.Passphrase(file=args.new_passphrase_file, env=crypto.NEW_PASSPHRASE_ENV,
+                                what="new passphrase")
+        return key.passwd(repo, pp, new)
+    return key.recover(repo, pp, args.master_key)
 
 
 def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -588,6 +678,7 @@ def cmd_hygiene_check(args: argparse.Namespace, cfg: config.Config) -> Any:
     if bool(args.domain) == bool(args.image):
         raise errors.UsageError("hygiene check needs DOMAIN or --image PATH..., not both")
     return hygiene.check(images=list(args.image), domain=args.domain, fix=args.fix,
+                         passphrase=_passphrase(args, cfg),
                          connect=_uri(args, cfg),
                          repo=_optional_repo(args, cfg, args.domain),
                          wait=_lock_wait(args, cfg))

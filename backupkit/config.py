@@ -56,6 +56,7 @@ class Config:
     s3_region: str | None = None
     s3_profile: str | None = None
     s3_addressing_style: str | None = None
+    passphrase_file: str | None = None
 
     def for_domain(self, name: str) -> DomainSettings:
         """The backup settings for one domain, its overrides applied."""
@@ -74,6 +75,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "scratch_min_free": ((int,), "bytes kept free on the scratch filesystem"),
     "lock_wait": ((int, float), "seconds to wait for a busy lock"),
     "chunk_size": ((int,), "chunk size for new repositories (bytes)"),
+    "passphrase_file": ((str,), "file holding the passphrase of an encrypted repository"),
 }
 _BACKUP: dict[str, tuple[tuple[type, ...], str]] = {
     "repository": ((str,), "repository path for this domain"),

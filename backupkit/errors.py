@@ -83,6 +83,18 @@ class InvalidName(UsageError):
         super().__init__(reason, what=what, name=name)
 
 
+class KeyRequired(UsageError):
+    """An encrypted repository and no passphrase (or key) to open it with."""
+
+    kind = "key_required"
+
+
+class WrongKey(UsageError):
+    """The passphrase or key given does not open the repository (nothing is written)."""
+
+    kind = "wrong_key"
+
+
 class Busy(Error):
     exit_code = EXIT_BUSY
     kind = "busy"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import shlex
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Protocol
 
@@ -50,6 +51,54 @@ _PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+class _StopState:
+    held = 0  # open hold_signals() calls
+    pending: str | None = None  # a stop signal received while held
+
+
+_stop = _StopState()
+
+
+def hold_signals() -> None:
+    """From now until the matching :func:`release_signals`, a stop signal does not
+    interrupt: it is remembered.  For steps that must not be cut in two: a guest's
+    filesystems frozen until their thaw, a backup's commit until its job has ended
+    (an interrupt between them would delete the checkpoint a committed backup needs,
+    or leave the job writing scratch data nobody watches)."""
+    _stop.held += 1
+
+
+def release_signals() -> str | None:
+    """End one :func:`hold_signals`; the name of a stop signal received meanwhile once
+    the last hold ends (the caller decides: raise, or finish and say so), else None."""
+    _stop.held -= 1
+    return _stop.pending if not _stop.held else None
+
+
+def stop_requested() -> str | None:
+    """The stop signal received so far (held or not), if any."""
+    return _stop.pending
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Interrupted` for a stop signal received while signals were held."""
+    if _stop.pending and not _stop.held:
+        raise Interrupted(_stop.pending)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """hold_signals() for a block; a stop signal received inside is raised as
+    :class:`Interrupted` when the block ends (unless it ends with an exception)."""
+    hold_signals()
+    try:
+        yield
+    finally:
+        name = release_signals()
+    if name:
+        raise Interrupted(name)
+
+
 def stop_on_signals() -> None:
     """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
 
@@ -61,12 +110,18 @@ def stop_on_signals() -> None:
     A signal ignored when we start stays ignored (``nohup`` ignores SIGHUP, a shell
     ignores SIGINT for ``cmd &``).  Call from the main thread.
     """
+    _stop.held, _stop.pending = 0, None
     handled = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
 
     def first(signum: int, _frame: object) -> None:
         for s in handled:
             signal.signal(s, again)
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        _stop.pending = name
+        if _stop.held:
+            log.warning("%s received: stopping once the current step is done", name)
+            return
+        raise Interrupted(name)
 
     def again(signum: int, _frame: object) -> None:
         log.warning("%s received while stopping: still cleaning up",

@@ -69,6 +69,7 @@ GOALS = {
     "restore_vs_peer": 1 / 4,
     "inc_vs_peer": 1 / 2,
     "rss_mib": 512,
+    "encrypted_vs_plain": 1.15,  # encrypted full backup / restore time / unencrypted (issue 20)
 }
 
 
@@ -430,6 +431,7 @@ class Bench:
                     if k not in ("BACKUPKIT_REPO", "JOURNAL_STREAM")}
         self.env["BACKUPKIT_CONFIG"] = str(cfg)
         self.env["PYTHONPATH"] = str(ROOT)
+        self.env["BACKUPKIT_PASSPHRASE"] = "bench"  # only the --encrypted repositories use it
         # Time commands as an installed package runs them: with bytecode (an editable
         # install has none, and PYTHONDONTWRITEBYTECODE would make every start compile).
         compileall.compile_dir(str(ROOT / "backupkit"), quiet=1)
@@ -727,6 +729,43 @@ class Bench:
         if not self.args.keep:
             shutil.rmtree(repo)
 
+    def encrypted_run(self) -> None:
+        """Full backup and raw restore into an encrypted and an unencrypted repository.
+
+        Same domain, same content, in --repeat pairs taking turns at going first; the
+        fastest of each counts (goal: encrypted within 1.15x, issue 20).
+        """
+        main = self.domains[0]
+        alloc = self.info["allocated_bytes"]
+        cs = self.args.chunk_size
+        times: dict[str, list[float]] = {}
+        for i in range(self.args.repeat):
+            repos = {"plain": self.work / f"repo-plain-{i}",
+                     "encrypted": self.work / f"repo-enc-{i}"}
+            for kind in in_turn(i, "plain", "encrypted"):
+                self.cli(f"{kind} init", repos[kind], "init", "--chunk-size", cs,
+                         *(["--encryption"] if kind == "encrypted" else []))
+                r = self.cli(f"{kind} backup full", repos[kind], "backup", main.name,
+                             "--mode", "full")
+                times.setdefault(f"{kind} full", []).append(r.seconds)
+            for kind in in_turn(i, "plain", "encrypted"):
+                target = self.work / f"restore-{kind}"
+                r = self.cli(f"{kind} restore raw", repos[kind], "restore", main.name,
+                             "latest", "--target", str(target), "--format", "raw")
+                times.setdefault(f"{kind} restore", []).append(r.seconds)
+                shutil.rmtree(target)
+            for repo in repos.values():
+                shutil.rmtree(repo)
+        for what in ("full", "restore"):
+            plain, enc = min(times[f"plain {what}"]), min(times[f"encrypted {what}"])
+            ratio = enc / plain
+            self.add(Row(f"encrypted {'full backup' if what == 'full' else 'restore raw'}",
+                         enc, alloc, f"unencrypted {what}", plain, ratio,
+                         f"<= {GOALS['encrypted_vs_plain']}",
+                         ratio <= GOALS["encrypted_vs_plain"],
+                         {"samples": [round(x, 2) for x in times[f"encrypted {what}"]],
+                          "plain_samples": [round(x, 2) for x in times[f"plain {what}"]]}))
+
     def chunk_sweep(self) -> None:
         main = self.domains[0]
         alloc = self.info["allocated_bytes"]
@@ -879,6 +918,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "taking turns at going first; the fastest of each counts (default 2)")
     p.add_argument("--seed", type=int, default=20240601)
     p.add_argument("--no-peer", action="store_true", help="skip virtnbdbackup")
+    p.add_argument("--encrypted", action="store_true",
+                   help="also time full backup and restore on an encrypted repository "
+                        "against an unencrypted one")
     p.add_argument("--warm", action="store_true", help="do not drop page caches")
     p.add_argument("--workdir", help="work directory (default: a new one in /var/tmp)")
     p.add_argument("--keep", action="store_true",
@@ -902,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         b.setup()
         b.main_run()
+        if args.encrypted:
+            b.encrypted_run()
         b.chunk_sweep()
     except BaseException as e:  # still report what was measured
         failed = e

@@ -291,6 +291,8 @@ droot_argv() {
   local root=$1; shift
   local envs=(PATH="$DROOT_PATH" HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}")
   [ -n "${CI+x}" ] && envs+=(CI="$CI")
+  [ -n "${BACKUPKIT_TEST_S3_PORT_SHIFT:-}" ] &&
+    envs+=(BACKUPKIT_TEST_S3_PORT_SHIFT="$BACKUPKIT_TEST_S3_PORT_SHIFT")
   DROOT_ARGV=()
   [ -n "${DROOT_TIMEOUT:-}" ] && DROOT_ARGV+=(timeout --kill-after=30 "$DROOT_TIMEOUT")
   DROOT_ARGV+=(unshare --pid --fork --kill-child --mount --propagation private

@@ -98,6 +98,13 @@ droot_clone "$here" "$commit" "$ROOT" "$SRC"
 DROOT_KVM=
 if droot_kvm_node "$WORK/kvm" 0600 0; then DROOT_KVM=$WORK/kvm; fi
 
+# The root shares the host's network: if this host runs the test S3 gateway itself
+# (scripts/start-s3.sh), the root's gateway takes other ports.
+if (exec 3<>/dev/tcp/127.0.0.1/17480) 2>/dev/null; then
+  export BACKUPKIT_TEST_S3_PORT_SHIFT=${BACKUPKIT_TEST_S3_PORT_SHIFT:-1000}
+  droot_say "this host's S3 gateway is up: the root's uses ports shifted by $BACKUPKIT_TEST_S3_PORT_SHIFT"
+fi
+
 # Runs inside the root: the README's commands, exactly as written, in order.
 # shellcheck disable=SC2016
 inner='cd "$1"

@@ -19,9 +19,13 @@ STATE=${BACKUPKIT_TEST_S3_STATE:-/var/lib/backupkit-test-s3}
 RUN=/run/backupkit-test-s3
 ENV_FILE=$RUN/env
 CONF=$STATE/ceph.conf
-MON_PORT=13300          # msgr2; msgr1 on MON_PORT+1
-RGW_PORT=17480
-OSD_PORTS=(16800 16899) # every daemon's other ports: ms_bind_port_min/max
+# BACKUPKIT_TEST_S3_PORT_SHIFT moves every port, so that a second gateway can run on the
+# same host (scripts/fresh-check.sh's root while the host runs its own); it takes effect
+# when the state is first made.
+PORT_SHIFT=${BACKUPKIT_TEST_S3_PORT_SHIFT:-0}
+MON_PORT=$((13300 + PORT_SHIFT))          # msgr2; msgr1 on MON_PORT+1
+RGW_PORT=$((17480 + PORT_SHIFT))
+OSD_PORTS=($((16800 + PORT_SHIFT)) $((16899 + PORT_SHIFT))) # other ports: ms_bind_port_min/max
 ACCESS_KEY=BKTESTACCESSKEY00001
 SECRET_KEY=bktest/secret/key/only/for/the/local/test/gateway
 BUCKET=backupkit-test

@@ -23,7 +23,7 @@ def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cp = subprocess.run(
         [sys.executable, "-m", "bench.run", "--size", "64M", "--sweep", "256K", "--no-peer",
-         "--warm", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+         "--warm", "--encrypted", "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert cp.returncode == 0, cp.stderr[-4000:]
     assert "| backupkit full backup |" in cp.stdout
@@ -33,7 +33,7 @@ def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
     for want in ("nbdcopy export -> file (copy limit)", "backupkit full backup",
                  "incremental after 1% rewritten", "incremental after 10% rewritten",
                  "no-change incremental (CLI, warm cache)", "restore qcow2", "restore raw",
-                 "verify --data"):
+                 "verify --data", "encrypted full backup", "encrypted restore raw"):
         assert want in names
     rows = {r["name"]: r for r in doc["rows"]}
     assert rows["restore qcow2"]["extra"]["identical_to_convert"] is True

@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backupkit import faults, qemu
+from backupkit import faults, proc, qemu
 from backupkit.errors import (
+    Busy,
     Error,
     InvalidName,
     ModeUnavailable,
@@ -328,6 +329,10 @@ class ScratchWatch:
             self._thread.join()
 
 
+#: The socket of a job this code started: <scratch_dir>/bk-<domain hash>-<run>/sock.
+_RUN_SOCKET = re.compile(r"bk-[0-9a-f]{12}-[0-9a-f]{6}/sock")
+
+
 class _Backup:
     """One domain's backup run."""
 
@@ -340,6 +345,7 @@ class _Backup:
         self.t0 = time.monotonic()
         self.dom = conn.domain(req.domain)
         self.warnings: list[str] = []
+        self._holding = False  # proc.hold_signals() from the commit on (see run())
         self.scratch = check_scratch_dir(req.scratch_dir)
         self.prefix = checkpoint_prefix(repo)
 
@@ -392,6 +398,13 @@ class _Backup:
 
     def cleanup_leftovers(self, keep: str | None, running: bool) -> None:
         if running and self.dom.backup_job_active():
+            paths = self.dom.backup_job_paths() or ()
+            if not paths or not _RUN_SOCKET.fullmatch(os.path.basename(os.path.dirname(
+                    paths[0])) + "/" + os.path.basename(paths[0])):
+                raise Busy(f"domain {self.req.domain}",
+                           "a backup job backupkit did not start"
+                           + (f" (exporting {paths[0]})" if paths else "")
+                           + "; wait for it or end it (virsh domjobabort)")
             log.warning("%s: aborting a backup job left by an interrupted run", self.req.domain)
             self.dom.abort_job()
         # Files of older versions (bk-HASH.*) and run directories (bk-HASH-RUN): the
@@ -536,6 +549,9 @@ class _Backup:
             # Chunks of this run not yet published must never be published by a later
             # backup in this process: once we let go of the lock, gc may remove them.
             self.repo.discard_pending()
+            if self._holding:  # the commit failed: a stop signal meanwhile acts now
+                self._holding = False
+                proc.release_signals()
             raise
         # The backup is committed: what follows is cleanup, and a failure here (libvirtd
         # restarting, say) is a warning, never a failed backup; the next run finishes it.
@@ -548,6 +564,13 @@ class _Backup:
                         self._warn(f"could not delete old checkpoint {cp.name}: {e}")
         except Error as e:
             self._warn(f"could not list checkpoints after the backup: {e}")
+        if self._holding:
+            self._holding = False
+            stopped = proc.release_signals()
+            if stopped:
+                # Too late to undo, and nothing to undo: the backup is complete.
+                self._warn(f"{stopped} received after the backup was committed: "
+                           "it is complete, and nothing more is done")
         result = summary(manifest)
         result["parent_checkpoint"] = prev_cp
         if self.warnings:
@@ -619,6 +642,11 @@ class _Backup:
         faults.point("after_index")
         if self.hooks.before_commit:
             self.hooks.before_commit()
+        # From the commit until the job has ended and the old checkpoint is gone (run()),
+        # a stop signal waits: acted on in between, it would delete the checkpoint the
+        # committed backup names, or leave the job writing scratch data nobody watches.
+        proc.hold_signals()
+        self._holding = True
         self.repo.commit(manifest)
         return manifest
 
@@ -654,9 +682,15 @@ class _Backup:
         freeze: float | None = None
         quiesced = False
         created = False
-        watch = ScratchWatch(rundir, self.req.scratch_min_free, self.dom.abort_job)
-
         ours = (sock, *sorted(scratch.values()))
+
+        def abort_own_job() -> None:
+            """End the job only if it is this run's: never another tool's (or run's) job."""
+            if self.dom.backup_job_paths() == ours:
+                self.dom.abort_job()
+
+        watch = ScratchWatch(rundir, self.req.scratch_min_free, abort_own_job)
+
 
         def own_job() -> None:
             if watch.tripped is not None:
@@ -671,7 +705,8 @@ class _Backup:
         try:
             if self.req.quiesce:
                 try:
-                    with self.dom.frozen() as window:
+                    # A stop signal waits until the guest is thawed (then raises here).
+                    with proc.signals_held(), self.dom.frozen() as window:
                         self.dom.backup_begin(backup_xml, cp_xml)
                         created = True
                     freeze = round(window["seconds"], 6)
@@ -698,7 +733,7 @@ class _Backup:
             # checkpoint (still recording every write) serves the next incremental.
             watch.stop()
             with contextlib.suppress(Error):
-                self.dom.abort_job()
+                abort_own_job()
             if created:
                 with contextlib.suppress(Error):
                     delete_checkpoint(self.dom, checkpoint, running=True)
@@ -709,7 +744,7 @@ class _Backup:
         # Committed: from here on the new checkpoint must survive whatever happens.
         faults.point("after_manifest")
         try:
-            self.dom.abort_job()
+            abort_own_job()
         except Error as e:
             self._warn(f"could not end the backup job (the next run ends it): {e}")
         if watch.lowest < 2 * watch.margin:
@@ -858,6 +893,7 @@ def backup_many(repo: Repository, conn: Connection, domains: Sequence[str],
         check_scratch_dir(make_request(n).scratch_dir)  # a usage error, not N failures
     with repo.lock_shared(wait=wait):
         for name in domains:
+            proc.raise_if_stopped()  # a stop signal held by the previous domain's commit
             try:
                 res = _backup_locked(repo, conn, make_request(name), hooks)
             except KeyboardInterrupt as e:

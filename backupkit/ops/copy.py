@@ -225,7 +225,7 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     def work(i: int) -> None:
         conn, conn_lock = conns[i % len(conns)]
         buf = bytearray(cs)  # reused for every chunk of this thread
-        scratch = bytearray(cs + 1)  # reading back a slot's chunks from the repository
+        scratch = bytearray(repo.chunk_max)  # reading back a slot's chunks from the repository
         try:
             while not stop.is_set():
                 item = next_slot()

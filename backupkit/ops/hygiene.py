@@ -258,7 +258,8 @@ def post_merge(top: str, base: str, *, domain: str | None = None, disk: str | No
 
 def check(*, images: Sequence[str] = (), domain: str | None = None, fix: bool = False,
           connect: str = DEFAULT_URI, repo: str | None = None,
-          runner: proc.Runner | None = None, wait: float = 0.0) -> dict[str, Any]:
+          runner: proc.Runner | None = None, wait: float = 0.0,
+          passphrase: Any = None) -> dict[str, Any]:
     """Walk the real chain of each image and report (and with ``fix`` repair) its bitmaps.
 
     Reported: orphans, in-use copies, holes (a name missing from a layer between
@@ -272,13 +273,14 @@ def check(*, images: Sequence[str] = (), domain: str | None = None, fix: bool = 
     report orphan bitmaps (no checkpoint owns them), checkpoints without a
     usable bitmap, in-use/inconsistent copies, holes, granularity mismatches,
     and with ``repo`` the backupkit checkpoints the latest backup does not
-    use.  ``fix`` deletes those checkpoints and removes the orphans (through
-    libvirt when running), then re-checks.
+    use (``passphrase``: where an encrypted repository's passphrase comes from).
+    ``fix`` deletes those checkpoints and removes the orphans (through libvirt
+    when running), then re-checks.
     """
     if domain is not None:
         if images:
             raise UsageError("give either a domain or --image, not both")
-        return _check_domain(domain, fix, connect, repo, wait)
+        return _check_domain(domain, fix, connect, repo, wait, passphrase)
     if not images:
         raise UsageError("hygiene check needs a domain or at least one --image")
     for path in images:
@@ -416,7 +418,8 @@ class LiveLayer:
 
 
 @contextlib.contextmanager
-def _domain_lock(repo: str | None, domain: str, wait: float) -> Iterator[Any]:
+def _domain_lock(repo: str | None, domain: str, wait: float, passphrase: Any = None
+                 ) -> Iterator[Any]:
     """Serialize with backups of the same domain (host-wide lock, whatever the
     repository) and, when a repository is configured, with its domain lock.
 
@@ -430,7 +433,7 @@ def _domain_lock(repo: str | None, domain: str, wait: float) -> Iterator[Any]:
         from backupkit.repo import Repository
 
         try:
-            r = Repository.open(repo)
+            r = Repository.open(repo, passphrase, lazy=True)  # only check reads from it
         except NotFound:
             log.warning("repository %s does not exist: not comparing", repo)
             yield None
@@ -963,9 +966,9 @@ def _owner_prefix(repo: Any) -> str | None:
     return backup_op.checkpoint_prefix(repo) if repo is not None else None
 
 
-def _check_domain(domain: str, fix: bool, connect: str, repo: str | None, wait: float
-                  ) -> dict[str, Any]:
-    with virt.connect(connect) as conn, _domain_lock(repo, domain, wait) as r:
+def _check_domain(domain: str, fix: bool, connect: str, repo: str | None, wait: float,
+                  passphrase: Any = None) -> dict[str, Any]:
+    with virt.connect(connect) as conn, _domain_lock(repo, domain, wait, passphrase) as r:
         dom = conn.domain(domain)
         running = dom.is_active()
         latest: str | None = None

@@ -165,7 +165,7 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
 
     def work(writer: _Writer) -> None:
         nonlocal ntaken
-        buf = bytearray(cs + 1)
+        buf = bytearray(repo.chunk_max)
         slot_buf: bytearray | None = None  # a pieced slot is put together here
         try:
             while not stop.is_set():

@@ -170,7 +170,7 @@ def _heal(repo: Repository, good: list[tuple[Manifest, list[str]]], bad: dict[by
                         wanted.setdefault(d, []).append((slot, off, n))
     healed: set[bytes] = set()
     present = {d for d in bad if _present(repo, d)}
-    buf = bytearray(repo.chunk_size + 1)
+    buf = bytearray(repo.chunk_max)
     slot_buf = memoryview(bytearray(repo.chunk_size))
     newest_first = sorted((m for m, _ in good), key=Manifest.sort_key, reverse=True)
     for (domain, disk, size), wanted in needs.items():

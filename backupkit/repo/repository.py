@@ -1,10 +1,17 @@
-"""The repository (format v2): chunks, indexes, manifests, locks.  See docs/format.md."""
+"""The repository (format v2; v3: encrypted): chunks, indexes, manifests, locks.
+
+See docs/format.md.  An encrypted repository seals every chunk, index and
+manifest with its data key (backupkit.repo.crypto) and names chunks by a keyed
+hash; everything else works the same on both kinds.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -21,15 +28,17 @@ from backupkit.errors import (
     CorruptRepository,
     Error,
     InvalidName,
+    KeyRequired,
     NotFound,
     OperationFailed,
     PermissionDenied,
     RepositoryError,
     UnsupportedFormat,
     UsageError,
+    WrongKey,
 )
 from backupkit.fileio import Buffer
-from backupkit.repo import locks
+from backupkit.repo import crypto, locks
 from backupkit.repo.index import Index, IndexFormatError, Piece
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
@@ -37,9 +46,12 @@ from backupkit.repo.storage import LocalStorage, ReadBuffer, Storage, aligned_bu
 from backupkit.repo.url import open_storage
 
 _B = TypeVar("_B", bound=Buffer)
+log = logging.getLogger(__name__)
 
 REPO_FORMAT = "backupkit-repository"
-REPO_VERSION = 2  # 2: "hash" may be blake3 (version 1 is always sha256)
+REPO_VERSION = 3  # the newest this code reads: 3 = encrypted (docs/format.md)
+PLAIN_VERSION = 2  # unencrypted repositories are created as version 2, as before
+ENCRYPTED_VERSION = 3
 # The chunk hashes a repository may use; both give 32-byte digests.  BLAKE3 is the
 # default for new repositories: 3.7-4.5x faster than sha256 (with SHA-NI) on one
 # core here, and hashing every byte is a large part of backup, restore and verify.
@@ -105,7 +117,8 @@ def _now_iso() -> str:
 class Repository:
     """A backupkit repository.  Create with Repository.init, open with Repository.open."""
 
-    def __init__(self, path: str, storage: Storage, config: dict[str, Any]) -> None:
+    def __init__(self, path: str, storage: Storage, config: dict[str, Any],
+                 key: crypto.DataKey | None = None) -> None:
         self.path = path
         self.storage = storage
         self.config = config
@@ -113,6 +126,12 @@ class Repository:
         self.compression_level: int = config["compression_level"]
         self.hash_name: str = config["hash"]  # _parse_config fills in a missing one
         self._hash = HASHES[self.hash_name]
+        #: Encrypted (version 3): every object sealed, chunk names keyed (docs/format.md).
+        self.encrypted = "encryption" in config
+        self._key = key
+        self._passphrase: crypto.Passphrase | None = None  # for a lazy unlock
+        #: The largest chunk file: codec byte and data, plus nonce and tag when sealed.
+        self.chunk_max = self.chunk_size + 1 + (crypto.OVERHEAD if self.encrypted else 0)
         self._tls = threading.local()
         self._zero_digests: dict[int, bytes] = {}
         self._zeros = memoryview(bytes(self.chunk_size))
@@ -121,11 +140,21 @@ class Repository:
 
     @classmethod
     def init(cls, location: str | Storage, *, chunk_size: int = 1 << 20,
-             compression_level: int = 1, hash_name: str = DEFAULT_HASH) -> Repository:
-        """Create a repository at location: a path, a URL (backupkit.repo.url) or a Storage."""
+             compression_level: int = 1, hash_name: str = DEFAULT_HASH,
+             encryption: crypto.Passphrase | None = None,
+             master_pubkey: tuple[str, bytes] | None = None) -> Repository:
+        """Create a repository at location: a path, a URL (backupkit.repo.url) or a Storage.
+
+        With encryption (where the passphrase comes from), an encrypted repository
+        (version 3) with a new data key in a key file; with master_pubkey (file
+        name, PEM), also the data key sealed to that public key (escrow.json).
+        """
         storage = open_storage(location) if isinstance(location, str) else location
+        if master_pubkey is not None and encryption is None:
+            raise UsageError("--master-pubkey needs --encryption")
         try:
-            return cls._init(storage, chunk_size, compression_level, hash_name)
+            return cls._init(storage, chunk_size, compression_level, hash_name, encryption,
+                             master_pubkey)
         except OSError as e:  # a read-only or forbidden place: say so, naming it
             if not isinstance(storage, LocalStorage):
                 raise
@@ -135,8 +164,9 @@ class Repository:
             raise err from e
 
     @classmethod
-    def _init(cls, storage: Storage, chunk_size: int, compression_level: int, hash_name: str
-              ) -> Repository:
+    def _init(cls, storage: Storage, chunk_size: int, compression_level: int, hash_name: str,
+              encryption: crypto.Passphrase | None,
+              master_pubkey: tuple[str, bytes] | None) -> Repository:
         path = storage.location
         if hash_name not in HASHES:
             raise UsageError(f"unknown chunk hash {hash_name!r} "
@@ -148,10 +178,9 @@ class Repository:
             # zstd reads 0 as "its default" (3): recording 0 would hide the level in use.
             raise UsageError(f"zstd compression level must be in -7..-1 or 1..22 "
                              f"(0 would mean zstd's default, 3), not {compression_level}")
-        storage.create(CONFIG_KEY)
-        config = {
+        config: dict[str, Any] = {
             "format": REPO_FORMAT,
-            "version": REPO_VERSION,
+            "version": PLAIN_VERSION,
             "id": uuid.uuid4().hex,
             "created": _now_iso(),
             "chunk_size": chunk_size,
@@ -159,6 +188,26 @@ class Repository:
             "compression": "zstd",
             "compression_level": compression_level,
         }
+        key = None
+        keyfile = escrow = None
+        if encryption is not None:
+            key = crypto.DataKey.generate(config["id"], hash_name)
+            if master_pubkey is not None:  # checked before anything is written
+                escrow = crypto.seal_to_master(key, master_pubkey[1], master_pubkey[0])
+            keyfile = crypto.wrap_key(key, encryption.get(confirm=True), config["created"])
+            config["version"] = ENCRYPTED_VERSION
+            config["encryption"] = {"cipher": crypto.CIPHER,
+                                    "chunk_names": f"{hash_name}-keyed",
+                                    "kdf": "scrypt", "key_check": key.check}
+        # Every check and question first (the passphrase above): nothing is written until
+        # here, not even the directory.
+        storage.create(CONFIG_KEY)
+        if keyfile is not None:
+            # The keys before config.json: a repository never exists without its key.
+            storage.put_if_absent(f"{crypto.KEYS_DIR}{secrets.token_hex(8)}.json", keyfile)
+            if escrow is not None:
+                storage.put_if_absent(crypto.ESCROW_KEY, escrow)
+            storage.flush()
         # Create-if-absent: of two inits racing for one location, one wins.
         if not storage.put_if_absent(CONFIG_KEY, json.dumps(config, indent=1).encode() + b"\n"):
             raise UsageError(f"{path} is already a backupkit repository")
@@ -171,11 +220,18 @@ class Repository:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        return cls(path, storage, config)
+        return cls(path, storage, config, key)
 
     @classmethod
-    def open(cls, location: str | Storage) -> Repository:
-        """Open the repository at location: a path, a URL (backupkit.repo.url) or a Storage."""
+    def open(cls, location: str | Storage, passphrase: crypto.Passphrase | None = None,
+             *, lazy: bool = False) -> Repository:
+        """Open the repository at location: a path, a URL (backupkit.repo.url) or a Storage.
+
+        An encrypted repository is unlocked at once with passphrase when one is
+        given (WrongKey, exit 2, before anything is written) unless lazy (for a
+        caller that may only lock); else on first use, from passphrase or the
+        default places ($BACKUPKIT_PASSPHRASE, systemd credential, a prompt).
+        """
         storage = open_storage(location) if isinstance(location, str) else location
         path = storage.location
         if storage.properties.local and not os.path.isdir(path):
@@ -189,7 +245,89 @@ class Repository:
                            ) from e
         except CorruptRepository as e:
             raise CorruptRepository(f"bad config.json: {e.reason}", path=path) from e
-        return cls(path, storage, _parse_config(raw, path))
+        repo = cls(path, storage, _parse_config(raw, path))
+        if not repo.encrypted:
+            repo._refuse_plaintext(passphrase)
+        repo._passphrase = passphrase
+        if repo.encrypted and passphrase is not None and not lazy:
+            repo.unlock(passphrase)
+        return repo
+
+    def _refuse_plaintext(self, passphrase: crypto.Passphrase | None) -> None:
+        """config.json is the one object nobody can authenticate: one that says
+        "unencrypted" beside key files was replaced, and a client given a passphrase
+        expects an encrypted repository.  Either way, writing in the clear is refused."""
+        if self.storage.exists(crypto.ESCROW_KEY) or self.storage.children(crypto.KEYS_DIR):
+            raise CorruptRepository(
+                "config.json says the repository is not encrypted, but it holds key files: "
+                "config.json was replaced or damaged; nothing is read or written in the clear",
+                path=self.path)
+        if passphrase is not None and (passphrase.file or passphrase.config_file):
+            raise UsageError(
+                f"repository {self.path} is not encrypted, but a passphrase file is "
+                "configured (--passphrase-file or passphrase_file): check that this is the "
+                "repository meant, or drop the passphrase setting")
+
+    # -- keys (encrypted repositories) ------------------------------------------
+
+    @property
+    def key(self) -> crypto.DataKey:
+        """The data key of an encrypted repository (unlocked on first use)."""
+        if self._key is None:
+            if not self.encrypted:
+                raise UsageError(f"repository {self.path} is not encrypted")
+            self.unlock(self._passphrase or crypto.Passphrase())
+        assert self._key is not None
+        return self._key
+
+    def key_files(self) -> list[str]:
+        """Keys of the key files under keys/ (the escrow is not one)."""
+        return [f"{crypto.KEYS_DIR}{n}" for n in self.storage.children(crypto.KEYS_DIR)
+                if n.endswith(".json") and f"{crypto.KEYS_DIR}{n}" != crypto.ESCROW_KEY]
+
+    def unlock(self, passphrase: crypto.Passphrase | bytes) -> str:
+        """Open the data key with a passphrase: the key file that opened; WrongKey if none."""
+        files = self.key_files()
+        if not files:
+            raise KeyRequired(
+                f"repository {self.path} has no key file in keys/: restore one with "
+                "'backupkit key import' (--paper for a paper key) or 'backupkit key recover "
+                "--master-key FILE'")
+        secret = passphrase if isinstance(passphrase, bytes) else passphrase.get()
+        for name in files:
+            try:
+                doc = crypto.parse_key_file(self.storage.get(name, crypto.KEYFILE_MAX), name)
+            except (UsageError, RepositoryError) as e:
+                log.warning("repository %s: skipping key file %s: %s", self.path, name, e)
+                continue
+            if doc["repository"] != self.config["id"]:
+                continue
+            key = crypto.unwrap_key(doc, secret, self.hash_name)
+            if key is not None:
+                self.adopt_key(key, f"key file {name}")
+                return name
+        raise WrongKey(f"the passphrase opens none of the {len(files)} key file(s) of "
+                       f"repository {self.path}")
+
+    def adopt_key(self, key: crypto.DataKey, what: str) -> None:
+        """Use key if it is this repository's (its check value matches config.json)."""
+        if key.repo_id != self.config["id"]:
+            raise WrongKey(f"{what} belongs to repository {key.repo_id}, not to {self.path} "
+                           f"({self.config['id']})")
+        if not hmac.compare_digest(key.check, self.config["encryption"]["key_check"]):
+            raise WrongKey(f"{what} does not open repository {self.path} (its key check "
+                           "differs)")
+        self._key = key
+
+    def _seal(self, data: Buffer, ad: bytes) -> bytes:
+        return self.key.seal(data, ad)
+
+    def _open_sealed(self, blob: Buffer, ad: bytes, what: str) -> bytes:
+        plain = self.key.open(blob, ad)
+        if plain is None:
+            raise CorruptRepository(f"{what} fails authentication (tampered with, damaged, "
+                                    "or another object put in its place)", path=self.path)
+        return plain
 
     # -- locks ---------------------------------------------------------------
 
@@ -234,7 +372,9 @@ class Repository:
         return d
 
     def digest(self, data: Buffer) -> bytes:
-        """The chunk hash of data (the repository's: config.json "hash")."""
+        """The chunk hash of data (the repository's: config.json "hash"; keyed if encrypted)."""
+        if self.encrypted:
+            return self.key.digest(data)
         return bytes(self._hash(data).digest())
 
     def _zero_digest(self, n: int) -> bytes:
@@ -263,8 +403,10 @@ class Repository:
             parts: list[Buffer] = [_CODEC_ZSTD_B, comp]
         else:
             parts = [_CODEC_NONE_B, data]
+        if self.encrypted:  # compressed first: ciphertext does not compress
+            parts = self.key.seal_parts(parts, crypto.AD_CHUNK + digest)
         written = self.storage.put_if_absent(key, parts, deferred=True)
-        return digest, (1 + len(parts[1]) if written else 0)
+        return digest, (sum(memoryview(p).nbytes for p in parts) if written else 0)
 
     def has_chunk(self, digest: bytes) -> bool:
         return self.storage.exists(chunk_key(digest))
@@ -272,7 +414,7 @@ class Repository:
     def get_chunk(self, digest: bytes, *, verify: bool = True) -> bytes:
         """The chunk's data; CorruptRepository if missing, undecodable or not matching."""
         with self._missing_is_damage(digest):
-            raw = self.storage.get(chunk_key(digest), self.chunk_size + 1)
+            raw = self.storage.get(chunk_key(digest), self.chunk_max)
         return self._checked(self.decode_chunk(raw, digest), digest, verify)
 
     def chunk_buffer(self) -> ReadBuffer:
@@ -282,7 +424,7 @@ class Repository:
         scan that reads each chunk once (verify --data), not for restore, whose
         prefetched buffered reads measured faster (see bench/RESULTS.md).
         """
-        return aligned_buffer(self.chunk_size + 1)
+        return aligned_buffer(self.chunk_max)
 
     def read_chunk(self, digest: bytes, buf: ReadBuffer, *, verify: bool = True) -> Buffer:
         """Like get_chunk, reading through buf (len >= chunk_size + 1) to spare allocations.
@@ -290,7 +432,7 @@ class Repository:
         The result may be a view into buf: use it before the next call with that buf.
         """
         with self._missing_is_damage(digest):
-            raw = self.storage.get_into(chunk_key(digest), buf, self.chunk_size + 1)
+            raw = self.storage.get_into(chunk_key(digest), buf, self.chunk_max)
         return self._checked(self._decode(raw, digest), digest, verify)
 
     def read_slot(self, digest: bytes | None, pieces: Sequence[Piece], out: memoryview,
@@ -351,7 +493,7 @@ class Repository:
         except NotFound:
             return None
         try:
-            raw = self.storage.get(dest, self.chunk_size + 1)
+            raw = self.storage.get(dest, self.chunk_max)
             self._checked(self._decode(raw, digest), digest, True)
         except RepositoryError:
             return dest
@@ -396,6 +538,8 @@ class Repository:
         return bytes(self._decode(raw, digest))
 
     def _decode(self, raw: Buffer, digest: bytes) -> Buffer:
+        if self.encrypted:
+            raw = self._open_sealed(raw, crypto.AD_CHUNK + digest, f"chunk {digest.hex()}")
         view = memoryview(raw)
         if len(view) < 2:
             raise CorruptRepository(f"chunk {digest.hex()} is truncated", path=self.path)
@@ -435,11 +579,13 @@ class Repository:
                              f"{self.chunk_size}")
         # Every chunk this index names must be durable before the index is.
         self.storage.flush()
+        key = index_key(domain, backup_id, disk)
         data = index.to_bytes(self.compression_level)
+        if self.encrypted:
+            data = self._seal(data, crypto.AD_INDEX + key.encode())
         if len(data) > INDEX_MAX:
             raise OperationFailed(f"index of {disk} is {len(data)} bytes, more than the "
                                   f"{INDEX_MAX} a reader accepts")
-        key = index_key(domain, backup_id, disk)
         self.storage.replace(key, data)
         return {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
@@ -461,10 +607,12 @@ class Repository:
                 raise OperationFailed(f"disk {d.name}: index {key} has {size} bytes, "
                                       f"manifest says {d.index.get('size')}")
         doc = json.dumps(manifest.to_json(), indent=1).encode() + b"\n"
+        key = manifest_key(manifest.domain, manifest.id)
+        if self.encrypted:
+            doc = self._seal(doc, crypto.AD_MANIFEST + key.encode())
         if len(doc) > MANIFEST_MAX:
             raise OperationFailed(f"manifest is {len(doc)} bytes, more than {MANIFEST_MAX}")
         self.storage.flush()
-        key = manifest_key(manifest.domain, manifest.id)
         if not self.storage.put_if_absent(key, doc):
             raise OperationFailed(f"backup {manifest.domain}/{manifest.id} is already committed")
         self.storage.flush()
@@ -481,6 +629,9 @@ class Repository:
         except CorruptRepository as e:
             raise CorruptRepository(f"backup {domain}/{backup_id}: {e.reason}",
                                     path=self.path) from e
+        if self.encrypted:
+            raw = self._open_sealed(raw, crypto.AD_MANIFEST + key.encode(),
+                                    f"backup {domain}/{backup_id}: manifest {key}")
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -620,6 +771,9 @@ class Repository:
                 hashlib.sha256(data).hexdigest() != rec.index.get("sha256"):
             raise CorruptRepository(f"{where}: index {key} does not match the checksum in "
                                     "its manifest", path=self.path)
+        if self.encrypted:
+            data = self._open_sealed(data, crypto.AD_INDEX + key.encode(),
+                                     f"{where}: index {key}")
         try:
             idx = Index.from_bytes(data, virtual_size=rec.virtual_size,
                                    chunk_size=self.chunk_size)
@@ -711,6 +865,13 @@ def _parse_config(raw: bytes, path: str) -> dict[str, Any]:
         raise CorruptRepository(f"config.json: unknown chunk hash {hash_name!r}", path=path)
     if doc.get("compression", "zstd") != "zstd":
         raise CorruptRepository("config.json: unknown compression", path=path)
+    enc = doc.get("encryption")
+    if (enc is not None or version >= ENCRYPTED_VERSION) and not (
+            version >= ENCRYPTED_VERSION and isinstance(enc, dict)
+            and enc.get("cipher") == crypto.CIPHER and enc.get("kdf") == "scrypt"
+            and enc.get("chunk_names") == f"{hash_name}-keyed"
+            and isinstance(enc.get("key_check"), str) and isinstance(doc.get("id"), str)):
+        raise CorruptRepository(f"config.json: bad or unknown encryption {enc!r}", path=path)
     doc["hash"] = hash_name
     doc["compression_level"] = level
     return doc

@@ -226,6 +226,11 @@ class Domain:
             self._dom.fsFreeze(None, 0)
         except libvirt.libvirtError as e:
             raise QuiesceFailed(self.name, e.get_error_message() or str(e)) from e
+        except BaseException:
+            # Interrupted once the freeze returned: never leave the guest frozen.
+            with suppress(Exception):
+                self._thaw()
+            raise
         try:
             yield window
         finally:

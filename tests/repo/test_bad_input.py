@@ -52,8 +52,8 @@ def one_line(e: BaseException) -> str:
     (b'{"format": "backupkit-repository", "vers', errors.CorruptRepository, "not valid JSON"),
     (b"\xff\xfe garbage", errors.CorruptRepository, "not valid JSON"),
     (b"[1, 2]", errors.CorruptRepository, "not a backupkit repository"),
-    (b'{"format": "backupkit-repository", "version": 3, "chunk_size": 65536}',
-     errors.UnsupportedFormat, "version 3 is newer"),
+    (b'{"format": "backupkit-repository", "version": 4, "chunk_size": 65536}',
+     errors.UnsupportedFormat, "version 4 is newer"),
     (b'{"format": "backupkit-repository", "version": 2, "chunk_size": 65536, '
      b'"hash": "md5"}', errors.CorruptRepository, "unknown chunk hash 'md5'"),
     (b'{"format": "backupkit-repository", "version": 2, "chunk_size": 65536, '
