@@ -110,7 +110,7 @@ class DiskReader:
         # O_DIRECT, which measured 3x slower here.
         buf: bytearray | None = getattr(self._tls, "buf", None)
         if buf is None:
-            buf = self._tls.buf = bytearray(self.chunk_size + 1)
+            buf = self._tls.buf = bytearray(self.repo.chunk_max)
         return buf
 
     def slot(self, i: int) -> bytearray | None:

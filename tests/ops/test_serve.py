@@ -182,3 +182,26 @@ def test_serves_from_an_s3_repository(s3_url: str, tmp_path: Path,
     served.append(srv)
     cp = compare(Path(img), res["url"])
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_serves_an_encrypted_repository(tmp_path: Path) -> None:
+    """The plugin unlocks it from the command's --passphrase-file (passed by path)."""
+    from backupkit.repo import crypto
+
+    secret = tmp_path / "pass"
+    secret.write_text("correct horse battery\n")
+    repo = Repository.init(str(tmp_path / "repo"), chunk_size=CHUNK,
+                           encryption=crypto.Passphrase(file=str(secret)))
+    img = write_image(tmp_path / "vda.raw", SIZE, [(5, rand(200 * KiB, 8)), (7 * MiB, text(KiB))])
+    make_backup(repo, "vm1", {"vda": img}, now=at(2026, 2, 2))
+    sock = tmp_path / "e.sock"
+    cp = run_cli("--repo", str(tmp_path / "repo"), "--passphrase-file", str(secret), "--json",
+                 "serve", "vm1", "--socket", str(sock), "--background")
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout)
+    try:
+        res = compare(Path(img), doc["url"])
+        assert res.returncode == 0, res.stdout + res.stderr + Path(doc["log"]).read_text()
+    finally:
+        serve.stop_pid(doc["pid"])
+        serve.remove_socket(str(sock))
