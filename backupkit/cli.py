@@ -52,6 +52,13 @@ def _wait(p: argparse.ArgumentParser) -> None:
                    help="wait up to SECONDS for a busy lock instead of exiting 3")
 
 
+def _domain_backup(p: argparse.ArgumentParser) -> None:
+    """DOMAIN [BACKUP]: the backup a restore, serve, mount or drill works on."""
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
+                   help="backup id or 'latest' (default)")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="backupkit",
@@ -120,9 +127,7 @@ def build_parser() -> ArgumentParser:
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("restore", help="restore a backup's disks into a directory")
-    s.add_argument("domain", metavar="DOMAIN")
-    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
-                   help="backup id or 'latest' (default)")
+    _domain_backup(s)
     s.add_argument("--target", required=True, metavar="DIR", help="directory for <disk>.<format>")
     s.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
     s.add_argument("--disk", action="append", default=[], metavar="NAME",
@@ -146,9 +151,7 @@ def build_parser() -> ArgumentParser:
     s.set_defaults(func=cmd_restore_status)
 
     s = sub.add_parser("serve", help="serve one backup's disk as a read-only NBD export")
-    s.add_argument("domain", metavar="DOMAIN")
-    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
-                   help="backup id or 'latest' (default)")
+    _domain_backup(s)
     s.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to serve on")
     s.add_argument("--disk", metavar="NAME",
                    help="disk of the default export (default: the backup's first disk; every "
@@ -158,9 +161,7 @@ def build_parser() -> ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("mount", help="mount a backup's filesystems read-only")
-    s.add_argument("domain", metavar="DOMAIN")
-    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
-                   help="backup id or 'latest' (default)")
+    _domain_backup(s)
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
     s.add_argument("--disk", metavar="NAME", help="the disk to mount (default: the first)")
     s.set_defaults(func=cmd_mount)
@@ -170,9 +171,7 @@ def build_parser() -> ArgumentParser:
     s.set_defaults(func=cmd_umount)
 
     s = sub.add_parser("drill", help="boot a throwaway copy of a backup and check it answers")
-    s.add_argument("domain", metavar="DOMAIN")
-    s.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
-                   help="backup id or 'latest' (default)")
+    _domain_backup(s)
     s.add_argument("--timeout", type=_seconds, default=300.0, metavar="SECONDS",
                    help="give up after SECONDS (default 300)")
     s.add_argument("--check", metavar="COMMAND",
