@@ -3,6 +3,9 @@
 # scripts/systemd-check.sh).  Sourced, not run; the caller sets `set -euo pipefail`
 # and DROOT_TAG (its name, for messages).
 #
+#   droot_options TIMEOUT ARGS...  parse the options both checks take (--keep,
+#                                  --no-cache, --timeout S, --help: the caller's usage)
+#                                  into keep, use_cache and limit (default TIMEOUT)
 #   droot_host_packages PKG...     install missing host packages (debootstrap, ...)
 #   droot_workdir KIND             new work directory /var/tmp/backupkit-KIND.XXXXXX
 #                                  (removes stale ones of dead runs first)
@@ -43,6 +46,26 @@ DROOT_BINDS=()
 # Messages go to the script's own stderr even from a trap that runs while a command's
 # stderr is redirected to a log file.
 exec {DROOT_STDERR}>&2
+# shellcheck disable=SC2034  # keep, use_cache, limit: set for the caller
+droot_options() {
+  local tag=${DROOT_TAG:-debian-root}
+  keep=0 use_cache=1 limit=$1
+  shift
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --keep) keep=1 ;;
+      --no-cache) use_cache=0 ;;
+      --timeout) [ $# -ge 2 ] || { echo "$tag: --timeout needs a number of seconds" >&2; exit 2; }
+                 limit=$2; shift ;;
+      --timeout=*) limit=${1#*=} ;;
+      -h|--help) usage; exit 0 ;;
+      *) echo "$tag: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  case $limit in ''|*[!0-9]*) echo "$tag: --timeout needs a number of seconds" >&2; exit 2 ;; esac
+}
+
 droot_say() { printf '%s: %s\n' "${DROOT_TAG:-debian-root}" "$*" >&"$DROOT_STDERR"; }
 droot_die() { printf '%s: FAILED: %s\n' "${DROOT_TAG:-debian-root}" "$*" >&"$DROOT_STDERR"; exit 1; }
 

@@ -52,20 +52,7 @@ DROOT_TAG=systemd-check
 . "$here/scripts/debian-root.sh"
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;/^# shellcheck/d;s/^# \{0,1\}//;p}' "$0"; }
-keep=0 use_cache=1 limit=540
-while [ $# -gt 0 ]; do
-  case $1 in
-    --keep) keep=1 ;;
-    --no-cache) use_cache=0 ;;
-    --timeout) [ $# -ge 2 ] || { echo "systemd-check: --timeout needs a number of seconds" >&2; exit 2; }
-               limit=$2; shift ;;
-    --timeout=*) limit=${1#*=} ;;
-    -h|--help) usage; exit 0 ;;
-    *) echo "systemd-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
-case $limit in ''|*[!0-9]*) echo "systemd-check: --timeout needs a number of seconds" >&2; exit 2 ;; esac
+droot_options 540 "$@"
 [ "$(id -u)" = 0 ] || { echo "systemd-check: run as root (debootstrap, systemd-nspawn)" >&2; exit 2; }
 
 STOCK_PACKAGES=(dbus systemd-sysv libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86)
