@@ -45,13 +45,15 @@ def chain_keys(manifests: Sequence[Manifest]) -> dict[tuple[str, str], str | Non
         by_name.setdefault(m.domain, []).append(m)
     keys: dict[tuple[str, str], str | None] = {}
     for ms in by_name.values():
-        ms = sorted(ms, key=Manifest.sort_key)
-        for m in ms:
-            key = m.chain_uuid
-            if key is None:
-                key = next((o.chain_uuid for o in ms if o.chain_uuid is not None
-                            and (m.host is None or o.host == m.host)), None)
-            keys[(m.domain, m.id)] = key
+        uuids = [(m, m.chain_uuid) for m in sorted(ms, key=Manifest.sort_key)]
+        oldest: dict[str | None, str] = {}  # host (None: any) -> UUID of its oldest chain
+        for m, uuid in uuids:
+            if uuid is not None:
+                oldest.setdefault(None, uuid)
+                if m.host is not None:
+                    oldest.setdefault(m.host, uuid)
+        for m, uuid in uuids:
+            keys[(m.domain, m.id)] = uuid if uuid is not None else oldest.get(m.host)
     return keys
 
 
