@@ -503,8 +503,8 @@ class _Backup:
         # backup full, with the reason, never a failure.
         # Only a backup of this very domain (same UUID, from any host: it may have moved
         # here) can be the parent; another host's domain of the same name never is.
-        prev, unusable = self.repo.backup_parent(
-            self.req.domain, lambda m: chains.same_domain(m, self.uuid, self.host))
+        prev, unusable = self.repo.backup_parent(self.req.domain,
+                                                 chains.of_domain(self.uuid, self.host))
         if unusable:
             self._warn(f"{unusable}; this backup is full")
         no_parent = unusable
@@ -814,6 +814,13 @@ class _Backup:
         except Error as e:
             self._warn(f"could not record checkpoint {checkpoint} in libvirt: {e}")
         return manifest
+
+
+def domain_latest(repo: Repository, dom: Domain, host: str | None = None) -> Manifest:
+    """The newest backup of this very domain (its UUID; backupkit.repo.chains), not of
+    another host's domain of the same name.  ``host`` (default config.this_host()) only
+    matters for backups that record no UUID at all."""
+    return repo.latest(dom.name, chains.of_domain(dom.uuid(), host or config.this_host()))
 
 
 def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:

@@ -33,6 +33,11 @@ def same_domain(m: Manifest, uuid: str | None, host: str) -> bool:
     return m.host is None or m.host == host
 
 
+def of_domain(uuid: str | None, host: str) -> Callable[[Manifest], bool]:
+    """same_domain as a filter (Repository.latest, Repository.backup_parent)."""
+    return lambda m: same_domain(m, uuid, host)
+
+
 def chain_keys(manifests: Sequence[Manifest]) -> dict[tuple[str, str], str | None]:
     """(domain, id) -> the chain's UUID (None: legacy backups that join no chain).
 

@@ -711,10 +711,12 @@ class Repository:
         check_name("domain name", domain)
         if backup != "latest":
             return self.read_manifest(domain, backup)
-        return self._latest(domain, None)
+        return self.latest(domain)
 
-    def _latest(self, domain: str, accept: Callable[[Manifest], bool] | None) -> Manifest:
-        """The newest backup (of those ``accept`` takes), which must be readable."""
+    def latest(self, domain: str, accept: Callable[[Manifest], bool] | None = None) -> Manifest:
+        """The newest backup (of those ``accept`` takes), which must be readable: a
+        damaged one newer than it raises (whoever wrote it)."""
+        check_name("domain name", domain)
         listing = self.backups(domain)
         pool = [m for m in listing.manifests if accept is None or accept(m)]
         newest = pool[-1] if pool else None
@@ -742,8 +744,7 @@ class Repository:
         backupkit.repo.chains); one that cannot be read counts, whoever wrote it.
         """
         try:
-            check_name("domain name", domain)
-            latest = self._latest(domain, accept)
+            latest = self.latest(domain, accept)
         except NotFound:
             return None, None
         except (RepositoryError, PermissionDenied) as e:

@@ -177,3 +177,28 @@ def test_same_name_different_domains_on_two_hosts(
     cli(cfg, "hostB", "verify", "--data", ok=True)
     restore_equals(cfg, "hostB", name, a_ids[-1], refs[a_ids[-1]], tmp_path)
     restore_equals(cfg, "hostB", name, "latest", refs[b_ids[-1]], tmp_path)
+
+
+def test_hygiene_keeps_the_checkpoint_of_its_own_domain(
+        make_domain: Callable[..., rig.TestDomain], tmp_path: Path) -> None:
+    """hygiene check --fix keeps the checkpoint of this domain's latest backup even when
+    another host's domain of the same name backed up later (it used to take that one for
+    'the latest backup' and delete ours, costing the next incremental)."""
+    import uuid
+
+    from backupkit.repo import Repository
+    from backupkit.repo.importer import import_raw_images
+
+    td = make_domain([("qcow2", 16 * MiB)])
+    cfg = setup_cfg(tmp_path, str(tmp_path / "repo"))
+    td.write("vda", 0, 1 * MiB, 0x41)
+    mine = cli(cfg, "hostA", "backup", td.name, ok=True)
+    img = tmp_path / "other.raw"
+    img.write_bytes(b"\x42" * MiB)
+    import_raw_images(Repository.open(str(tmp_path / "repo")), td.name, {"vda": str(img)},
+                      host="hostB", domain_uuid=str(uuid.uuid4()))
+    res = cli(cfg, "hostA", "hygiene", "check", td.name, "--fix", ok=True)
+    assert mine["checkpoint"] in [c.getName() for c in td.dom.listAllCheckpoints(0)], res
+    td.write("vda", 2 * MiB, 1 * MiB, 0x43)
+    res = cli(cfg, "hostA", "backup", td.name, ok=True)
+    assert res["mode"] == "incremental" and res["parent_id"] == mine["id"], res
