@@ -52,11 +52,27 @@ def _wait(p: argparse.ArgumentParser) -> None:
                    help="wait up to SECONDS for a busy lock instead of exiting 3")
 
 
+def _host(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--host", metavar="HOST", type=_host_name, help=what)
+
+
+def _host_name(text: str) -> str:
+    try:
+        return config.check_host(text, "--host")
+    except errors.ConfigError as e:
+        raise argparse.ArgumentTypeError(e.reason) from None
+
+
+_LATEST_HOST = ("with 'latest': the newest backup of the domain of that name that HOST "
+                "backed up (needed when hosts back up different domains of one name)")
+
+
 def _domain_backup(p: argparse.ArgumentParser) -> None:
-    """DOMAIN [BACKUP]: the backup a restore, serve, mount or drill works on."""
+    """DOMAIN [BACKUP] [--host H]: the backup a restore, serve, mount or drill works on."""
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("backup", nargs="?", default="latest", metavar="BACKUP",
                    help="backup id or 'latest' (default)")
+    _host(p, _LATEST_HOST)
 
 
 def build_parser() -> ArgumentParser:
@@ -119,11 +135,13 @@ def build_parser() -> ArgumentParser:
 
     s = sub.add_parser("list", help="list backups")
     s.add_argument("domain", nargs="?", metavar="DOMAIN")
+    _host(s, "only the backups HOST wrote")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("show", help="show one backup's manifest")
     s.add_argument("domain", metavar="DOMAIN")
     s.add_argument("backup", metavar="BACKUP", help="backup id or 'latest'")
+    _host(s, _LATEST_HOST)
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("restore", help="restore a backup's disks into a directory")
@@ -181,6 +199,8 @@ def build_parser() -> ArgumentParser:
     s = sub.add_parser("verify", help="check manifests, indexes and (with --data) chunks")
     s.add_argument("domain", nargs="?", metavar="DOMAIN")
     s.add_argument("backup", nargs="?", metavar="BACKUP")
+    _host(s, "with DOMAIN: only the backups of the domain(s) of that name HOST backed up; "
+             "with 'latest': as for restore")
     s.add_argument("--data", action="store_true", default=None,
                    help="read every chunk and check its hash; move damaged chunks to the "
                         "repository's quarantine/ so the next backup stores them afresh")
@@ -400,6 +420,7 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
         raise errors.UsageError("give DOMAIN names or --all, not both")
     if not args.all and not args.domains:
         raise errors.UsageError("backup needs DOMAIN... or --all")
+    host = config.this_host(cfg)
     with virt.connect(_uri(args, cfg)) as conn:
         names = conn.domain_names() if args.all else list(dict.fromkeys(args.domains))
 
@@ -413,7 +434,7 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
                 exclude=tuple(args.exclude_disk) + s.exclude_disks, quiesce=quiesce,
                 workers=s.workers, compression_level=s.compression_level,
                 scratch_dir=cfg.scratch_dir, scratch_min_free=cfg.scratch_min_free,
-                lock_wait=_lock_wait(args, cfg))
+                lock_wait=_lock_wait(args, cfg), host=host)
 
         hooks = op.Hooks(progress_start=progress_factory(args))
         repos = {_repo_path(args, cfg, n) for n in names}
@@ -485,13 +506,36 @@ def _repo_metrics(cfg: config.Config, repo: Any) -> None:
 def cmd_list(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import inspect
 
-    return inspect.list_backups(_open_repo(args, cfg, args.domain), args.domain)
+    return inspect.list_backups(_open_repo(args, cfg, args.domain), args.domain, args.host)
 
 
 def cmd_show(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.ops import inspect
 
-    return inspect.show(_open_repo(args, cfg, args.domain), args.domain, args.backup)
+    repo = _open_repo(args, cfg, args.domain)
+    return inspect.show(repo, args.domain, _backup(args, cfg, repo))
+
+
+def _backup(args: argparse.Namespace, cfg: config.Config, repo: Any) -> str:
+    """args.backup, with 'latest' made the id of one domain's newest backup when hosts back
+    up different domains of that name (ops.inspect.resolve)."""
+    from backupkit.ops import inspect
+
+    return inspect.resolve(repo, args.domain, args.backup, host=args.host,
+                           this_host=lambda: config.this_host(cfg),
+                           local_uuid=lambda: _local_uuid(args, cfg, args.domain))
+
+
+def _local_uuid(args: argparse.Namespace, cfg: config.Config, name: str) -> str | None:
+    """The UUID of the domain defined here under that name; None if none (or no libvirt)."""
+    try:
+        from backupkit import virt
+
+        with virt.connect(_uri(args, cfg)) as conn:
+            return conn.domain(name).uuid()
+    except (errors.Error, ImportError) as e:
+        log.debug("no domain %s on %s: %s", name, _uri(args, cfg), e)
+        return None
 
 
 def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
@@ -502,6 +546,7 @@ def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
     if args.live or args.detach:
         return _restore_live(args, cfg, factory)
     repo = _open_repo(args, cfg, args.domain)
+    args.backup = _backup(args, cfg, repo)
     progress = None
     if factory:
         m = repo.get_manifest(args.domain, args.backup)
@@ -527,7 +572,8 @@ def cmd_serve(args: argparse.Namespace, cfg: config.Config) -> Any:
 
     location = _repo_path(args, cfg, args.domain)
     repo = _open_repo(args, cfg, args.domain)
-    return serve.serve(repo, location, cfg.path, args.domain, args.backup, args.socket,
+    return serve.serve(repo, location, cfg.path, args.domain, _backup(args, cfg, repo),
+                       args.socket,
                        disk=args.disk, background=args.background,
                        passphrase_file=_passphrase_file(args))
 
@@ -537,7 +583,8 @@ def cmd_mount(args: argparse.Namespace, cfg: config.Config) -> Any:
 
     location = _repo_path(args, cfg, args.domain)
     repo = _open_repo(args, cfg, args.domain)
-    return mount.mount(repo, location, cfg.path, args.domain, args.backup, args.mountpoint,
+    return mount.mount(repo, location, cfg.path, args.domain, _backup(args, cfg, repo),
+                       args.mountpoint,
                        disk=args.disk, passphrase_file=_passphrase_file(args))
 
 
@@ -559,7 +606,8 @@ def _restore_live(args: argparse.Namespace, cfg: config.Config, factory: Any) ->
                                 "do not apply")
     location = _repo_path(args, cfg, args.domain)
     repo = _open_repo(args, cfg, args.domain)
-    return live.live_restore(repo, location, cfg.path, args.domain, args.backup, args.target,
+    return live.live_restore(repo, location, cfg.path, args.domain, _backup(args, cfg, repo),
+                             args.target,
                              args.define, disks=tuple(args.disk), connect=_uri(args, cfg),
                              detach=args.detach, progress=factory,
                              passphrase_file=_passphrase_file(args))
@@ -580,7 +628,7 @@ def cmd_drill(args: argparse.Namespace, cfg: config.Config) -> Any:
     repo = _open_repo(args, cfg, args.domain)
     result: dict[str, Any] | None = None
     try:
-        result = drill.drill(repo, location, cfg.path, args.domain, args.backup,
+        result = drill.drill(repo, location, cfg.path, args.domain, _backup(args, cfg, repo),
                              connect=_uri(args, cfg), timeout=args.timeout, check=args.check,
                              passphrase_file=_passphrase_file(args))
         return result
@@ -602,9 +650,14 @@ def cmd_verify(args: argparse.Namespace, cfg: config.Config) -> Any:
     from backupkit.progress import progress_factory
 
     data = cfg.verify_data if args.data is None else args.data
-    return verify.verify(_open_repo(args, cfg, args.domain), args.domain, args.backup,
+    if args.host and not args.domain:
+        raise errors.UsageError("--host needs DOMAIN (verify DOMAIN [latest] --host HOST)")
+    repo = _open_repo(args, cfg, args.domain)
+    backup = args.backup and _backup(args, cfg, repo)
+    return verify.verify(repo, args.domain, backup,
                          data=bool(data), repair=args.repair, wait=_lock_wait(args, cfg),
-                         progress_start=progress_factory(args))
+                         progress_start=progress_factory(args),
+                         host=args.host if backup is None else None)
 
 
 def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:

@@ -7,6 +7,8 @@ man/backupkit.toml.5 and config/backupkit.toml document each of them.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,6 +21,10 @@ MAX_CONFIG_SIZE = 1 << 20
 
 QUIESCE_VALUES = (True, False, "try")
 MODES = ("auto", "full", "incremental")
+HOST_ENV = "BACKUPKIT_HOST"
+#: A host identity: what `list` shows and manifests record.  A subset of what a repository
+#: accepts as a name (backupkit.repo.names): safe as one path component, and printable.
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Config:
     s3_profile: str | None = None
     s3_addressing_style: str | None = None
     passphrase_file: str | None = None
+    host: str | None = None  # as configured; this_host() applies $BACKUPKIT_HOST and the default
 
     def for_domain(self, name: str) -> DomainSettings:
         """The backup settings for one domain, its overrides applied."""
@@ -76,6 +83,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "lock_wait": ((int, float), "seconds to wait for a busy lock"),
     "chunk_size": ((int,), "chunk size for new repositories (bytes)"),
     "passphrase_file": ((str,), "file holding the passphrase of an encrypted repository"),
+    "host": ((str,), "this host's name in the repository (else the machine's host name)"),
 }
 _BACKUP: dict[str, tuple[tuple[type, ...], str]] = {
     "repository": ((str,), "repository path for this domain"),
@@ -184,10 +192,39 @@ def parse(doc: dict[str, Any], path: str) -> Config:
     if kw.get("s3_addressing_style", "path") not in ADDRESSING_STYLES:
         raise ConfigError(f"s3.addressing_style must be one of {', '.join(ADDRESSING_STYLES)}",
                           path)
+    if "host" in kw:
+        check_host(kw["host"], path)
     cs = kw.get("chunk_size", 1 << 20)
     if cs & (cs - 1) or not (64 << 10) <= cs <= (16 << 20):
         raise ConfigError("chunk_size must be a power of two between 64 KiB and 16 MiB", path)
     return Config(path=path, **kw)
+
+
+def check_host(name: str, where: str) -> str:
+    """A host name as a repository records it: letters, digits, '.', '-', '_' (exit 2)."""
+    if not _HOST.fullmatch(name) or ".." in name:
+        raise ConfigError(f"host: invalid name {name!r}: 1 to 200 letters, digits, '.', '-' or "
+                          "'_', starting with a letter or digit", where)
+    return name
+
+
+def this_host(cfg: Config | None = None) -> str:
+    """This host's identity in a repository: $BACKUPKIT_HOST, else config ``host``, else
+    the machine's host name (socket.gethostname())."""
+    env = os.environ.get(HOST_ENV)
+    if env is not None:
+        if not env:
+            raise ConfigError("is set but empty: unset it to use the config's host or the "
+                              "machine's host name", f"${HOST_ENV}")
+        return check_host(env, f"${HOST_ENV}")
+    if cfg is not None and cfg.host is not None:
+        return cfg.host
+    name = socket.gethostname()
+    try:
+        return check_host(name, "the machine's host name")
+    except ConfigError as e:
+        raise ConfigError(f"{e.reason}; set host in the config or ${HOST_ENV}",
+                          "the machine's host name") from None
 
 
 def load(path: str | None = None) -> Config:

@@ -27,12 +27,14 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def render(doc: Any) -> str:
     if isinstance(doc, dict) and "backups" in doc and isinstance(doc["backups"], list) \
             and all("id" in b for b in doc["backups"]) and "failed" not in doc:
-        rows = [[b.get("domain", ""), b["id"], b.get("created", ""), b.get("mode", ""),
+        rows = [[b.get("domain", ""), b.get("host") or "-", b["id"], b.get("created", ""),
+                 b.get("mode", ""),
                  ",".join(b.get("disks", []) if isinstance(b.get("disks"), list)
                           and all(isinstance(x, str) for x in b.get("disks", [])) else []),
                  size(b.get("logical_size")), size(b.get("stored_size"))]
                 for b in doc["backups"]]
-        return table(rows, ["DOMAIN", "ID", "CREATED", "MODE", "DISKS", "LOGICAL", "STORED"])
+        return table(rows, ["DOMAIN", "HOST", "ID", "CREATED", "MODE", "DISKS", "LOGICAL",
+                            "STORED"])
     if _is_backup_summary(doc):
         return backup_summary(doc)
     return _yaml(doc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,74 @@ def test_no_abbreviated_options(capsys: pytest.CaptureFixture[str]) -> None:
     # "--js" must not silently mean "--json" (or anything else).
     assert cli.main(["--js", "list"]) == 2
     assert "unrecognized arguments: --js" in capsys.readouterr().err
+
+
+def test_hosts_in_list_show_and_latest(tmp_path: Path) -> None:
+    """Two hosts' different domains named alike (synthetic backups, no libvirt domain of
+    that name): list and show name the host, 'latest' is this host's, or exit 2 naming
+    the hosts and asking for --host, which picks; an id needs no host."""
+    import filecmp
+    import uuid
+    from datetime import UTC, datetime
+
+    from backupkit.repo import Repository
+    from backupkit.repo.importer import import_raw_images
+    from tests.repo.helpers import MiB, rand, write_image
+
+    repo = Repository.init(str(tmp_path / "r"), chunk_size=64 * 1024)
+    name = f"bk-hosts-{uuid.uuid4().hex[:8]}"
+    images, ids = {}, {}
+    for n, (host, dom_uuid) in enumerate([("hostA", str(uuid.uuid4())), (None, None),
+                                          ("hostB", str(uuid.uuid4())),
+                                          ("hostA", None), ("hostB", None)]):
+        if dom_uuid is None and host is not None:  # a second backup of the same domain
+            dom_uuid = repo.list_backups(name)[-2 if host == "hostA" else -1].domain_uuid
+        images[n] = write_image(tmp_path / f"{n}.raw", MiB, [(0, rand(4096, n))])
+        m = import_raw_images(repo, name, {"vda": images[n]},
+                              now=datetime(2026, 1, 1 + n, tzinfo=UTC), host=host,
+                              domain_uuid=dom_uuid)
+        ids[n] = m.id
+
+    def cli_(*args: str, host: str = "hostC") -> tuple[int, Any]:
+        cp = run_cli("--json", "--repo", str(tmp_path / "r"), *args,
+                     env={"BACKUPKIT_HOST": host})
+        return cp.returncode, json.loads(cp.stdout)
+
+    rc, doc = cli_("list", name)
+    assert rc == 0
+    assert [(b["id"], b["host"]) for b in doc["backups"]] == [
+        (ids[0], "hostA"), (ids[1], None), (ids[2], "hostB"), (ids[3], "hostA"),
+        (ids[4], "hostB")]
+    rc, doc = cli_("list", name, "--host", "hostB")
+    assert [b["id"] for b in doc["backups"]] == [ids[2], ids[4]]
+    text = run_cli("--repo", str(tmp_path / "r"), "list", name).stdout
+    assert text.split("\n")[0].split()[:3] == ["DOMAIN", "HOST", "ID"]
+    assert f"{name}  -      {ids[1]}" in text and f"{name}  hostB  {ids[4]}" in text
+
+    cp = run_cli("--repo", str(tmp_path / "r"), "show", name, "latest",
+                 env={"BACKUPKIT_HOST": "hostC"})
+    assert cp.returncode == 2, cp.stderr
+    assert len(cp.stderr.strip().splitlines()) == 1, cp.stderr
+    assert "hostA, hostB" in cp.stderr and "--host" in cp.stderr
+    assert cli_("show", name, "latest", host="hostA")[1]["id"] == ids[3]
+    assert cli_("show", name, "latest", host="hostB")[1]["id"] == ids[4]
+    rc, doc = cli_("show", name, "latest", "--host", "hostA")
+    assert (rc, doc["id"], doc["host"]) == (0, ids[3], "hostA")
+    assert cli_("show", name, ids[2])[1]["host"] == "hostB"
+    rc, doc = cli_("show", name, "latest", "--host", "hostZ")
+    assert rc == 4 and "hostZ" in doc["error"]["message"]
+    rc, doc = cli_("show", name, "latest", "--host", "bad host")
+    assert rc == 2
+
+    out = tmp_path / "out"
+    rc, doc = cli_("restore", name, "--host", "hostA", "--target", str(out),
+                   "--format", "raw")
+    assert rc == 0, doc
+    assert filecmp.cmp(out / "vda.raw", images[3], shallow=False)
+    rc, doc = cli_("restore", name, "--target", str(tmp_path / "out2"))
+    assert rc == 2, doc
+    # verify DOMAIN --host: that host's chain, the legacy backup (no host) with hostA's.
+    rc, doc = cli_("verify", name, "--host", "hostA")
+    assert (rc, doc["backups_checked"]) == (0, 3), doc
+    rc, doc = cli_("verify", name)
+    assert (rc, doc["backups_checked"]) == (0, 5), doc

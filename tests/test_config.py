@@ -62,3 +62,33 @@ def test_missing_default_file_is_fine(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv("BACKUPKIT_CONFIG", raising=False)
     monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "none.toml"))
     assert config.load().connect == "qemu:///system"
+
+
+def test_host_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$BACKUPKIT_HOST, else config host, else the machine's host name (all validated)."""
+    import socket
+
+    monkeypatch.delenv(config.HOST_ENV, raising=False)
+    assert config.this_host(config.Config()) == socket.gethostname()
+    cfg = config.load(write(tmp_path, 'host = "hv-01.example"'))
+    assert cfg.host == "hv-01.example"
+    assert config.this_host(cfg) == "hv-01.example"
+    monkeypatch.setenv(config.HOST_ENV, "hv-02")
+    assert config.this_host(cfg) == "hv-02"
+    assert config.this_host() == "hv-02"
+    for bad in ("a b", "../x", ".hidden", "x/y", "-x", "h" * 201):
+        monkeypatch.setenv(config.HOST_ENV, bad)
+        with pytest.raises(ConfigError, match=r"^\$BACKUPKIT_HOST: host: invalid name"):
+            config.this_host(cfg)
+        with pytest.raises(ConfigError, match="host: invalid name") as e:
+            config.load(write(tmp_path, f"host = {bad!r}"))
+        assert e.value.exit_code == 2
+    monkeypatch.setenv(config.HOST_ENV, "")
+    with pytest.raises(ConfigError, match="set but empty"):
+        config.this_host(cfg)
+    monkeypatch.delenv(config.HOST_ENV)
+    monkeypatch.setattr(socket, "gethostname", lambda: "bad host")
+    with pytest.raises(ConfigError, match="set host in the config or"):
+        config.this_host(config.Config())
+    with pytest.raises(ConfigError, match="host must be str"):
+        config.load(write(tmp_path, "host = 3"))

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backupkit import faults, proc, qemu
+from backupkit import config, faults, proc, qemu
 from backupkit.errors import (
     Busy,
     Error,
@@ -49,7 +49,7 @@ from backupkit.errors import (
 )
 from backupkit.nbd import Client, QemuNbd
 from backupkit.ops.copy import Progress, copy_disk
-from backupkit.repo import DiskRecord, Index, Manifest, Repository
+from backupkit.repo import DiskRecord, Index, Manifest, Repository, chains
 from backupkit.repo.locks import hold
 from backupkit.virt import Connection, Domain
 from backupkit.virt import xml as vxml
@@ -75,6 +75,7 @@ class Request:
     scratch_dir: str = "/var/lib/backupkit/scratch"
     lock_wait: float = 0.0
     scratch_min_free: int = DEFAULT_SCRATCH_MIN_FREE  # abort the job below this much free
+    host: str | None = None  # this host's name in the repository (None: config.this_host())
 
 
 @dataclass
@@ -348,6 +349,8 @@ class _Backup:
         self._holding = False  # proc.hold_signals() from the commit on (see run())
         self.scratch = check_scratch_dir(req.scratch_dir)
         self.prefix = checkpoint_prefix(repo)
+        self.host = req.host or config.this_host()
+        self.uuid = self.dom.uuid()
 
     # -- leftovers ----------------------------------------------------------------
 
@@ -498,9 +501,16 @@ class _Backup:
     def plan(self, disks: list[vxml.Disk], running: bool) -> Plan:
         # A latest backup that cannot be read (or lacks quarantined chunks) makes this
         # backup full, with the reason, never a failure.
-        prev, unusable = self.repo.backup_parent(self.req.domain)
+        # Only a backup of this very domain (same UUID, from any host: it may have moved
+        # here) can be the parent; another host's domain of the same name never is.
+        prev, unusable = self.repo.backup_parent(self.req.domain,
+                                                 chains.of_domain(self.uuid, self.host))
         if unusable:
             self._warn(f"{unusable}; this backup is full")
+        no_parent = unusable
+        if prev is None and unusable is None:
+            no_parent = chains.other_chains(self.repo.backups(self.req.domain).manifests,
+                                            self.uuid, self.host)
         keep = prev.checkpoint if prev else None
         self.cleanup_leftovers(keep, running)
         if self.req.mode == "full" or prev is None or not prev.checkpoint:
@@ -526,7 +536,7 @@ class _Backup:
                 states = [DiskState(st.target, st.format, st.virtual_size,
                                     refused if st.format == "qcow2" else st.bitmap)
                           for st in states]
-        return choose_mode(self.req.mode, self.req.domain, prev, known, states, unusable)
+        return choose_mode(self.req.mode, self.req.domain, prev, known, states, no_parent)
 
     # -- run --------------------------------------------------------------------
 
@@ -593,7 +603,7 @@ class _Backup:
             started=_iso(self.started), finished=_iso(finished),
             duration_seconds=round(time.monotonic() - self.t0, 3),
             quiesced=quiesced, freeze_seconds=freeze, domain_xml=domain_xml,
-            checkpoint_xml=cp_xml, disks=records)
+            checkpoint_xml=cp_xml, disks=records, host=self.host, domain_uuid=self.uuid)
 
     def _copy(self, client: Client, disk: vxml.Disk, plan: Plan, backup_id: str) -> DiskRecord:
         mode, reason = plan.disk_modes[disk.target]
@@ -806,6 +816,13 @@ class _Backup:
         return manifest
 
 
+def domain_latest(repo: Repository, dom: Domain, host: str | None = None) -> Manifest:
+    """The newest backup of this very domain (its UUID; backupkit.repo.chains), not of
+    another host's domain of the same name.  ``host`` (default config.this_host()) only
+    matters for backups that record no UUID at all."""
+    return repo.latest(dom.name, chains.of_domain(dom.uuid(), host or config.this_host()))
+
+
 def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:
     """Delete a checkpoint with its bitmap in every layer of every disk's chain."""
     if running:
@@ -837,6 +854,8 @@ def summary(m: Manifest) -> dict[str, Any]:
     return {
         "domain": m.domain,
         "id": m.id,
+        "host": m.host,
+        "domain_uuid": m.domain_uuid,
         "mode": m.mode,
         "reason": m.reason,
         "checkpoint": m.checkpoint,

@@ -974,7 +974,7 @@ def _check_domain(domain: str, fix: bool, connect: str, repo: str | None, wait: 
         latest: str | None = None
         if r is not None:
             try:
-                latest = r.get_manifest(domain, "latest").checkpoint
+                latest = backup_op.domain_latest(r, dom).checkpoint  # this domain's
             except NotFound:
                 latest = None
         views = _read_disks(dom, running)

@@ -1,6 +1,9 @@
 """prune: drop backups outside a retention policy (manifests and indexes only; gc frees chunks).
 
-The policy is the one restic, borg and Proxmox users know, per domain:
+The policy is the one restic, borg and Proxmox users know, per domain, and
+per chain within a name: when hosts back up different domains of one name (told
+apart by their UUID, backupkit.repo.chains), each keeps its own retention, as
+restic groups by host:
 
 - ``last N``: the N newest backups;
 - ``hourly/daily/weekly/monthly/yearly N``: walking from the newest backup to
@@ -12,7 +15,7 @@ The policy is the one restic, borg and Proxmox users know, per domain:
 Rules are applied independently, as restic does (a backup can be kept by
 several rules: all are listed as its reasons; a rule counts a period even when
 another rule already keeps its backup).  Periods use local time unless the
-policy says otherwise.  The newest backup of a domain is always kept.
+policy says otherwise.  The newest backup of a domain (of each chain) is always kept.
 Every backup restores on its own, so removing any of them never breaks another.
 """
 
@@ -25,7 +28,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from backupkit.errors import Busy, Partial, RepositoryError, UsageError
-from backupkit.repo import Manifest, Repository
+from backupkit.repo import Manifest, Repository, chains
 
 log = logging.getLogger("backupkit.prune")
 
@@ -68,7 +71,7 @@ class Decision:
 
     def to_json(self) -> dict[str, Any]:
         m = self.manifest
-        return {"domain": m.domain, "id": m.id, "created": m.created,
+        return {"domain": m.domain, "id": m.id, "host": m.host, "created": m.created,
                 "action": "keep" if self.keep else "remove", "reasons": self.reasons}
 
 
@@ -96,14 +99,18 @@ def _period(rule: str, tz: tzinfo | None) -> Callable[[Manifest], Hashable]:
 
 
 def plan(backups: Sequence[Manifest], policy: Policy, now: datetime) -> list[Decision]:
-    """Keep/remove for each backup (pure); decisions oldest first within each domain."""
+    """Keep/remove for each backup (pure); decisions oldest first within each chain.
+
+    A chain is one domain's backups: same name and UUID (backupkit.repo.chains).
+    """
     policy.validate()
-    by_domain: dict[str, list[Manifest]] = {}
+    keys = chains.chain_keys(backups)
+    by_chain: dict[tuple[str, str], list[Manifest]] = {}
     for m in backups:
-        by_domain.setdefault(m.domain, []).append(m)
+        by_chain.setdefault((m.domain, keys[(m.domain, m.id)] or ""), []).append(m)
     result: list[Decision] = []
-    for domain in sorted(by_domain):
-        newest_first = sorted(by_domain[domain], key=lambda m: (_created(m), m.id),
+    for chain in sorted(by_chain):
+        newest_first = sorted(by_chain[chain], key=lambda m: (_created(m), m.id),
                               reverse=True)
         decisions = {m.id: Decision(m, False) for m in newest_first}
         for rule in RULES:

@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from backupkit.errors import CorruptRepository, Error, NotFound, UsageError
-from backupkit.repo import Index, Manifest, Repository
+from backupkit.repo import Index, Manifest, Repository, chains
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def _copy_one(src: Repository, dst: Repository, m: Manifest, names: _Names) -> d
 
 def copy(src: Repository, dst: Repository, domains: list[str], latest: int | None
          ) -> dict[str, Any]:
-    """Copy the backups of domains (all when empty; the newest `latest` of each) to dst."""
+    """Copy the backups of domains (all when empty; the newest `latest` of each, per
+    chain: backupkit.repo.chains) to dst."""
     if src.config["id"] == dst.config["id"]:
         raise UsageError(f"{dst.path} is the source repository itself")
     if src.chunk_size != dst.chunk_size:
@@ -117,9 +118,12 @@ def copy(src: Repository, dst: Repository, domains: list[str], latest: int | Non
             if not any(m.domain == d for m in wanted):
                 raise NotFound("backup", f"{d}/*", f"no backups of {d} in {src.path}")
         if latest is not None:
-            per: dict[str, list[Manifest]] = {}
+            # Per domain: per chain (name and UUID) when hosts back up different domains
+            # of one name.  A manifest is copied as it is, with its host and UUID.
+            keys = chains.chain_keys(wanted)
+            per: dict[tuple[str, str | None], list[Manifest]] = {}
             for m in wanted:
-                per.setdefault(m.domain, []).append(m)
+                per.setdefault((m.domain, keys[(m.domain, m.id)]), []).append(m)
             wanted = [m for ms in per.values() for m in ms[-latest:]]
         for m in sorted(wanted, key=Manifest.sort_key):
             try:

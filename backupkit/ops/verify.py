@@ -28,10 +28,11 @@ from typing import Any
 from backupkit.errors import (
     Error,
     IntegrityError,
+    NotFound,
     RepositoryError,
     UnsupportedFormat,
 )
-from backupkit.repo import Index, Manifest, Repository
+from backupkit.repo import Index, Manifest, Repository, chains
 from backupkit.repo.repository import ChunkMissing
 
 log = logging.getLogger("backupkit.verify")
@@ -40,8 +41,19 @@ MAX_PROBLEMS = 20  # distinct problem messages listed per damaged item
 MAX_CHUNKS_LISTED = 100  # missing chunks named per damaged disk (all are counted)
 
 
-def _targets(repo: Repository, domain: str | None, backup: str | None
-             ) -> Iterator[tuple[str, str, Manifest | Error]]:
+def _targets(repo: Repository, domain: str | None, backup: str | None,
+             host: str | None = None) -> Iterator[tuple[str, str, Manifest | Error]]:
+    if host is not None and domain is not None and backup is None:
+        # The chains (one per domain UUID) that host wrote to; damage is always reported.
+        found = list(repo.scan_backups(domain))
+        manifests = [m for _d, _b, m in found if isinstance(m, Manifest)]
+        keys = chains.chain_keys(manifests)
+        wanted = {keys[(m.domain, m.id)] for m in manifests if m.host == host}
+        if not wanted:
+            raise NotFound("backup", f"{domain} from host {host}")
+        yield from ((d, bid, m) for d, bid, m in found
+                    if not isinstance(m, Manifest) or keys[(m.domain, m.id)] in wanted)
+        return
     if backup is not None:
         if domain is None:
             raise ValueError("a backup needs its domain")
@@ -217,20 +229,23 @@ def _present(repo: Repository, digest: bytes) -> bool:
 
 def verify(repo: Repository, domain: str | None = None, backup: str | None = None, *,
            data: bool = False, repair: bool = False, workers: int = 2, wait: float = 0.0,
-           progress_start: ProgressStart | None = None) -> dict[str, Any]:
+           progress_start: ProgressStart | None = None, host: str | None = None
+           ) -> dict[str, Any]:
     """Check the selected backups; IntegrityError (exit 5) with the report on any damage.
 
     Holds the shared repository lock, so gc cannot remove chunks meanwhile.
     With data=True damaged chunks are quarantined; with repair=True missing
     chunks are stored again where another backup still holds their bytes.
+    With ``host`` (and a domain, no backup): only the backups of the domain(s) of
+    that name that host backed up (backupkit.repo.chains).
     """
     with repo.lock_shared(wait):
-        return _verify(repo, domain, backup, data, workers, progress_start, repair)
+        return _verify(repo, domain, backup, data, workers, progress_start, repair, host)
 
 
 def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool,
             workers: int, progress_start: ProgressStart | None = None,
-            repair: bool = False) -> dict[str, Any]:
+            repair: bool = False, host: str | None = None) -> dict[str, Any]:
     started = time.monotonic()
     damaged: dict[tuple[str, str], dict[str, Any]] = {}
     good: list[tuple[Manifest, list[str]]] = []  # manifests with their readable disks
@@ -243,7 +258,7 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
 
     # A repair may heal from any backup of the domain, not just the selected ones.
     sources: list[tuple[Manifest, list[str]]] = []
-    for d, bid, m in _targets(repo, domain, backup):
+    for d, bid, m in _targets(repo, domain, backup, host):
         backups += 1
         if isinstance(m, Error):
             if not isinstance(m, RepositoryError) or isinstance(m, UnsupportedFormat):

@@ -1,5 +1,6 @@
 """The backup repository (format v1, docs/format.md)."""
 
+from backupkit.repo import chains
 from backupkit.repo.index import Index
 from backupkit.repo.manifest import DiskRecord, Manifest
 from backupkit.repo.names import check_name
@@ -14,5 +15,6 @@ __all__ = [
     "ObjectInfo",
     "Repository",
     "Storage",
+    "chains",
     "check_name",
 ]

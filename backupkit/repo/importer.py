@@ -25,11 +25,13 @@ def _iso(t: datetime) -> str:
 
 def import_raw_images(repo: Repository, domain: str, disks: Mapping[str, str], *,
                       now: datetime | None = None, parent: Manifest | None = None,
-                      domain_xml: str = "<domain/>", lock: bool = True) -> Manifest:
+                      domain_xml: str = "<domain/>", lock: bool = True,
+                      host: str | None = None, domain_uuid: str | None = None) -> Manifest:
     """Store the raw images `disks` ({disk name: path}) as one committed backup.
 
     With `parent`, the backup is recorded as incremental (the data is still
-    read in full; only chunks not yet stored are written).
+    read in full; only chunks not yet stored are written).  `host` and
+    `domain_uuid` are recorded as given (None: as older backupkit wrote them).
     """
     now = now or datetime.now(UTC)
     started = time.monotonic()
@@ -63,7 +65,8 @@ def import_raw_images(repo: Repository, domain: str, disks: Mapping[str, str], *
             parent_id=parent.id if parent else None,
             started=_iso(now), finished=_iso(now),
             duration_seconds=time.monotonic() - started, quiesced=False, freeze_seconds=None,
-            domain_xml=domain_xml, checkpoint_xml=None, disks=records)
+            domain_xml=domain_xml, checkpoint_xml=None, disks=records, host=host,
+            domain_uuid=domain_uuid)
         repo.commit(m)
         return m
 

@@ -11,6 +11,8 @@ from backupkit.errors import CorruptRepository, UnsupportedFormat
 
 MANIFEST_VERSION = 1
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# The domain's own <uuid> element (a <secret uuid='...'/> is an attribute, never matched).
+_XML_UUID = re.compile(r"<uuid>\s*([0-9a-fA-F-]{32,36})\s*</uuid>")
 
 
 class ManifestFormatError(ValueError):
@@ -51,6 +53,10 @@ class Manifest:
     checkpoint_xml: str | None
     disks: list[DiskRecord] = field(default_factory=list)
     version: int = MANIFEST_VERSION
+    # Who wrote it and of which domain (older manifests have neither: None).  A domain's
+    # backups form one chain per (name, UUID): see backupkit.repo.chains.
+    host: str | None = None
+    domain_uuid: str | None = None
 
     @property
     def created_at(self) -> datetime:
@@ -60,6 +66,15 @@ class Manifest:
 
     def sort_key(self) -> tuple[datetime, str]:
         return (self.created_at, self.id)
+
+    @property
+    def chain_uuid(self) -> str | None:
+        """The domain's UUID: recorded, else the ``<uuid>`` of the domain XML (older
+        manifests), else None."""
+        if self.domain_uuid:
+            return self.domain_uuid.lower()
+        found = _XML_UUID.search(self.domain_xml)
+        return found.group(1).lower() if found else None
 
     @property
     def logical_size(self) -> int:
@@ -192,6 +207,12 @@ def _parse(doc: Any) -> Manifest:
             raise ManifestFormatError(f"{where}bad mode or reason")
         disks.append(DiskRecord(index={"key": key, "sha256": sha, "size": size},
                                 mode=mode, reason=reason, **dv))
+    # Optional (added later; absent in older manifests): null or a string.
+    for name in ("host", "domain_uuid"):
+        value = doc.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ManifestFormatError(f"field {name!r} has the wrong type")
+        values[name] = value
     values["duration_seconds"] = float(values["duration_seconds"])
     if values["freeze_seconds"] is not None:
         values["freeze_seconds"] = float(values["freeze_seconds"])

@@ -711,8 +711,15 @@ class Repository:
         check_name("domain name", domain)
         if backup != "latest":
             return self.read_manifest(domain, backup)
+        return self.latest(domain)
+
+    def latest(self, domain: str, accept: Callable[[Manifest], bool] | None = None) -> Manifest:
+        """The newest backup (of those ``accept`` takes), which must be readable: a
+        damaged one newer than it raises (whoever wrote it)."""
+        check_name("domain name", domain)
         listing = self.backups(domain)
-        newest = listing.manifests[-1] if listing.manifests else None
+        pool = [m for m in listing.manifests if accept is None or accept(m)]
+        newest = pool[-1] if pool else None
         newer = [x for x in listing.damaged if newest is None or x[1] > newest.id]
         if newer:
             _d, bid, e = max(newer, key=lambda x: x[1])
@@ -726,15 +733,18 @@ class Repository:
             raise NotFound("backup", f"{domain}/latest", "the domain has no backups")
         return newest
 
-    def backup_parent(self, domain: str) -> tuple[Manifest | None, str | None]:
+    def backup_parent(self, domain: str, accept: Callable[[Manifest], bool] | None = None
+                      ) -> tuple[Manifest | None, str | None]:
         """The latest backup, if an incremental can start from it, else why not.
 
         (latest, None); (None, None) when the domain has no backup; (None, reason)
         when the latest backup cannot be read, an index of it cannot, or it lacks
-        chunks verify quarantined: a backup must then be full, never fail.
+        chunks verify quarantined: a backup must then be full, never fail.  With
+        ``accept``, only the backups it takes count (those of the same domain UUID,
+        backupkit.repo.chains); one that cannot be read counts, whoever wrote it.
         """
         try:
-            latest = self.get_manifest(domain, "latest")
+            latest = self.latest(domain, accept)
         except NotFound:
             return None, None
         except (RepositoryError, PermissionDenied) as e:

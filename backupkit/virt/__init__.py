@@ -98,6 +98,10 @@ class Domain:
         """The libvirt.virDomain (for tests and diagnostics)."""
         return self._dom
 
+    def uuid(self) -> str:
+        """The domain's UUID (lowercase, with dashes): what identifies it across hosts."""
+        return str(_call("domain UUID", self._dom.UUIDString, name=self.name)).lower()
+
     def is_active(self) -> bool:
         return bool(_call("domain state", self._dom.isActive, name=self.name))
 

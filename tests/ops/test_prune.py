@@ -32,11 +32,13 @@ CALENDAR = {
 NOW = datetime(2026, 2, 2, 12, 0, tzinfo=UTC)
 
 
-def manifest(n: int, created: str, domain: str = "vm1") -> Manifest:
+def manifest(n: int, created: str, domain: str = "vm1", host: str | None = None,
+             uuid: str | None = None) -> Manifest:
     return Manifest(id=f"b{n:02d}", domain=domain, created=created, mode="full", reason="",
                     checkpoint=None, parent_checkpoint=None, parent_id=None, started=created,
                     finished=created, duration_seconds=1.0, quiesced=False,
-                    freeze_seconds=None, domain_xml="", checkpoint_xml=None, disks=[])
+                    freeze_seconds=None, domain_xml="", checkpoint_xml=None, disks=[],
+                    host=host, domain_uuid=uuid)
 
 
 def run(policy: Policy, domain: str = "vm1") -> dict[int, list[str]]:
@@ -85,6 +87,26 @@ def test_plan_per_domain() -> None:
     kept = [(d.manifest.domain, d.manifest.id) for d in plan(backups, Policy(last=1), NOW)
             if d.keep]
     assert kept == [("vm1", "b10"), ("vm2", "b03")]
+
+
+def test_plan_per_chain() -> None:
+    """Two hosts' domains named vm1 (two UUIDs) keep their own retention: hostB's seven
+    newer backups never push out hostA's, and each keeps its newest.  A domain that
+    moved (hostA then hostC, one UUID) is one chain; a backup from before UUIDs were
+    recorded joins its name's oldest chain."""
+    u1, u2 = "1" * 32, "2" * 32
+    items = list(CALENDAR.items())
+    backups = [manifest(1, items[0][1], host=None)]
+    backups += [manifest(n, c, host="hostA", uuid=u1) for n, c in items[1:3]]
+    backups += [manifest(n, c, host="hostB", uuid=u2) for n, c in items[3:]]
+    backups.append(manifest(11, "2026-02-02T02:00:00Z", host="hostC", uuid=u1))
+    decisions = plan(backups, Policy(last=2), NOW)
+    kept = sorted(d.manifest.id for d in decisions if d.keep)
+    assert kept == ["b03", "b09", "b10", "b11"]
+    assert {d.to_json()["host"] for d in decisions} == {None, "hostA", "hostB", "hostC"}
+    kept = sorted(d.manifest.id for d in plan(backups[:3] + backups[3:-1], Policy(last=1),
+                                               NOW) if d.keep)
+    assert kept == ["b03", "b10"]
 
 
 @pytest.mark.parametrize("policy", [Policy(), Policy(daily=-1), Policy(last=0, weekly=0)])

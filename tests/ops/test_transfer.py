@@ -98,3 +98,24 @@ def test_damaged_source_chunk_stops_that_backup(tmp_path: Path) -> None:
     # Nothing of that backup is visible in the target.
     rc, listing = cli("--repo", str(dst), "--passphrase-file", str(tmp_path / "pass"), "list")
     assert rc == 0 and listing["backups"] == [], listing
+
+
+def test_copy_keeps_hosts_and_latest_counts_per_domain(tmp_path: Path) -> None:
+    """Two hosts' different domains named "web": --latest 1 copies the newest of each
+    (not only the newer host's), and each copy keeps its host and UUID."""
+    from backupkit.repo.importer import import_raw_images
+
+    src = Repository.init(str(tmp_path / "src"), chunk_size=CHUNK)
+    img = write_image(tmp_path / "a.raw", 2 * CHUNK, [(0, rand(CHUNK, 7))])
+    made = [import_raw_images(src, "web", {"vda": img}, now=at(2026, 12, day), host=host,
+                              domain_uuid=uuid)
+            for day, host, uuid in ((1, "hostA", "a" * 32), (2, "hostA", "a" * 32),
+                                    (3, "hostB", "b" * 32), (4, "hostB", "b" * 32))]
+    Repository.init(str(tmp_path / "dst"), chunk_size=CHUNK)
+    rc, res = cli("--repo", str(tmp_path / "src"), "copy", "--to", str(tmp_path / "dst"),
+                  "--latest", "1")
+    assert rc == 0, res
+    assert sorted(c["id"] for c in res["copied"]) == [made[1].id, made[3].id]
+    got = Repository.open(str(tmp_path / "dst")).list_backups("web")
+    assert [(m.id, m.host, m.domain_uuid) for m in got] == [
+        (made[1].id, "hostA", "a" * 32), (made[3].id, "hostB", "b" * 32)]
