@@ -133,8 +133,9 @@ class S3Storage:
         style = settings.addressing_style or ("path" if endpoint else None)
         # botocore's standard retry mode (backoff with jitter on throttling, 5xx and
         # dropped connections); $AWS_RETRY_MODE and $AWS_MAX_ATTEMPTS still apply.  Ten
-        # attempts ride out a gateway restart (3-5 s for Ceph RGW here); an endpoint
-        # that never answered gets FIRST_CONTACT_ATTEMPTS (_first_contact).
+        # attempts (about 20 s of backoff, botocore 1.44) ride out a gateway restart
+        # (3-5 s for Ceph RGW here) when each thread has its own client (_client); an
+        # endpoint that never answered gets FIRST_CONTACT_ATTEMPTS (_first_contact).
         retries: dict[str, Any] = {}
         if not os.environ.get("AWS_RETRY_MODE"):
             retries["mode"] = "standard"
@@ -151,17 +152,36 @@ class S3Storage:
             response_checksum_validation="when_required",
         )
         self.endpoint = endpoint
-        with _sessions_lock:  # a session is not thread-safe
-            self._client: Any = session.client("s3", endpoint_url=settings.endpoint or None,
-                                               config=config)
+        self._new_client_args = (session, settings.endpoint or None, config)
+        self._clients = threading.local()
         self._answered = False  # the endpoint has answered once (_first_contact)
-        self._client.meta.events.register_first("needs-retry.s3", self._first_contact)
+        self._clients.client = self._new_client()
         self._uploads: dict[str, tuple[str, str]] = {}  # leftovers(): pseudo-key -> upload
         self._cond = threading.Condition()
         self._pending: dict[str, int] = {}  # key -> size of deferred uploads not yet done
         self._inflight = 0
         self._failed: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
+
+    def _new_client(self) -> Any:
+        session, endpoint, config = self._new_client_args
+        with _sessions_lock:  # a session is not thread-safe
+            client = session.client("s3", endpoint_url=endpoint, config=config)
+        client.meta.events.register_first("needs-retry.s3", self._first_contact)
+        return client
+
+    @property
+    def _client(self) -> Any:
+        """This thread's botocore client: one per thread, because botocore's standard
+        retry mode gives each client one retry quota (500 units, 14 per retry: about
+        35 retries) shared by all its threads.  Eight uploads meeting a gateway that
+        restarts used it up within half a second (measured: 9 threads, 0.2-0.6 s), and
+        the run failed at once; with a client each, every request keeps its attempts
+        (about 20 s of backoff), which rides out a restart.  ~15 ms per client."""
+        client = getattr(self._clients, "client", None)
+        if client is None:
+            client = self._clients.client = self._new_client()
+        return client
 
     def _first_contact(self, response: Any = None, caught_exception: Any = None,
                        attempts: int = 0, **_kw: Any) -> None:

@@ -148,11 +148,13 @@ def test_kill_9_mid_backup_on_s3(point: str, make_domain: MakeDomain, s3bk: S3Bk
         s3bk.refs[listed[-1]] = before
     else:
         assert listed == [first["id"]], "an uncommitted backup is visible"
-        if point in ("mid_data", "after_index"):
+        if point == "after_index":
+            # Every chunk and the index are stored, no manifest names them.  (At
+            # mid_data the chunks handed over may still be on their way to the
+            # gateway when the kill comes: some, all or none land.)
             leftover = s3bk.json("gc", "--dry-run")
             assert leftover["chunks_removed"] > 0, leftover
-            if point == "after_index":
-                assert len(leftover["incomplete_backups_removed"]) == 1, leftover
+            assert len(leftover["incomplete_backups_removed"]) == 1, leftover
 
     s3bk.survivors(td)
     td.write("vda", 8 * MiB, 64 * 1024, 0x33)
@@ -248,7 +250,7 @@ def test_gateway_killed_mid_backup(outage: str, make_domain: MakeDomain, s3bk: S
         gw.kill()
         resume(p)
         if outage == "short":
-            time.sleep(1.0)  # the run meets the dead gateway and backs off meanwhile
+            time.sleep(0.5)  # the run meets the dead gateway and backs off meanwhile
             gw.start()
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err
@@ -269,6 +271,53 @@ def test_gateway_killed_mid_backup(outage: str, make_domain: MakeDomain, s3bk: S
         assert nxt["mode"] == "incremental", nxt["reason"]
         s3bk.survivors(td)
         s3bk.nothing_left(td, libvirt_conn)
+
+
+def test_parallel_requests_each_keep_their_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nine requests at once meet a gateway that went away after answering: each
+    makes all its attempts.  botocore's standard mode shares one retry quota (about
+    35 retries) among a client's threads; with one client for all of them, the
+    uploads of a backup used it up within half a second of a gateway restart and the
+    run failed (S3Storage now gives each thread its own client)."""
+    import socket
+    import threading
+
+    from backupkit import errors
+    from backupkit.repo.s3 import S3Settings, S3Storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")  # 9 x 4 retries x 14 > the quota of 500
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    made: dict[int, int] = {}  # thread -> attempts
+    lock = threading.Lock()
+
+    class Counting(S3Storage):
+        def _first_contact(self, response: Any = None, caught_exception: Any = None,
+                           attempts: int = 0, **kw: Any) -> None:
+            with lock:
+                made[threading.get_ident()] = attempts
+            return super()._first_contact(response, caught_exception, attempts, **kw)
+
+    st = Counting("bucket", "p", S3Settings(endpoint=dead))
+    st._answered = True  # as in the middle of a run
+    failed: list[BaseException] = []
+
+    def get(i: int) -> None:
+        try:
+            st.get(f"k{i}", 100)
+        except errors.OperationFailed as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=get, args=(i,)) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(failed) == 9 and all("stopped answering" in str(e) for e in failed)
+    assert sorted(made.values()) == [5] * 9, made
 
 
 # --- a template repository on S3 for damage and bad input -------------------------
