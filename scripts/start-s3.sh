@@ -5,7 +5,8 @@
 # user and bucket exist, and writes the environment the tests read to $ENV_FILE:
 #
 #   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3, AWS_DEFAULT_REGION,
-#   BACKUPKIT_TEST_S3_BUCKET
+#   BACKUPKIT_TEST_S3_BUCKET, BACKUPKIT_TEST_S3_CEPH_CONF (the cluster's ceph.conf: tests
+#   that kill a gateway start a second radosgw of their own with it, tests/s3rig.py)
 #
 #   bash scripts/start-s3.sh          start (or check) the gateway
 #   bash scripts/start-s3.sh --stop   stop it: rgw, osd, mon (SIGKILL after 15 s each)
@@ -226,6 +227,7 @@ AWS_SECRET_ACCESS_KEY=$SECRET_KEY
 AWS_ENDPOINT_URL_S3=$ENDPOINT
 AWS_DEFAULT_REGION=$REGION
 BACKUPKIT_TEST_S3_BUCKET=$BUCKET
+BACKUPKIT_TEST_S3_CEPH_CONF=$CONF
 EOF
 mv "$ENV_FILE.new" "$ENV_FILE"
 secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')

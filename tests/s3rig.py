@@ -7,10 +7,15 @@ it skip when it is not running on a developer machine and FAIL under CI=true.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+import socket
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -73,3 +78,153 @@ def s3_location(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             client.delete_objects(Bucket=env["BACKUPKIT_TEST_S3_BUCKET"], Delete={
                 "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
         shutil.rmtree(st.lock_root, ignore_errors=True)
+
+
+def ceph_conf(env: dict[str, str]) -> str:
+    """The test cluster's ceph.conf (scripts/start-s3.sh)."""
+    state = os.environ.get("BACKUPKIT_TEST_S3_STATE", "/var/lib/backupkit-test-s3")
+    return env.get("BACKUPKIT_TEST_S3_CEPH_CONF") or os.path.join(state, "ceph.conf")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class OwnGateway:
+    """A second radosgw of the test cluster (same mon, OSD, pools, users and buckets) on
+    a port of its own, under its own client name: a test may kill and restart it while
+    the shared gateway of scripts/start-s3.sh keeps serving everyone else.
+
+    Only this process is ever signalled (by the Popen object that started it)."""
+
+    def __init__(self, workdir: str) -> None:
+        env = gateway_env()
+        self.conf = ceph_conf(env)
+        self.port = _free_port()
+        self.name = f"client.rgw.bktest-{os.getpid()}-{secrets.token_hex(3)}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = os.path.join(workdir, "radosgw.log")
+        self.run_dir = os.path.dirname(ENV_FILE)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and wait until it answers HTTP (well under a second here)."""
+        if shutil.which("radosgw") is None or not os.path.exists(self.conf):
+            why = f"cannot start a second radosgw (radosgw, {self.conf})"
+            if IN_CI:
+                pytest.fail(why, pytrace=False)
+            pytest.skip(why)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                ["radosgw", "-f", "-n", self.name, "-c", self.conf,
+                 "--rgw-frontends", f"beast endpoint=127.0.0.1:{self.port}",
+                 "--log-file", self.log,
+                 "--admin-socket", os.path.join(self.run_dir, f"{self.name}.asok"),
+                 "--pid-file", os.path.join(self.run_dir, f"{self.name}.pid")],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"radosgw {self.name} exited {self.proc.returncode} "
+                                     f"(log: {self.log})")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/")
+                conn.getresponse().read()
+                conn.close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"radosgw {self.name} did not answer within 90 s ({self.log})")
+
+    def kill(self) -> None:
+        """SIGKILL, like a crash; reaped at once (nothing of it answers afterwards)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        for suffix in (".asok", ".pid"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.run_dir, self.name + suffix))
+
+
+@contextlib.contextmanager
+def own_gateway(workdir: str) -> Iterator[OwnGateway]:
+    gw = OwnGateway(workdir)
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.kill()
+
+
+class HoldingProxy:
+    """An HTTP proxy in front of the gateway that forwards every request and, for the
+    first one ``hold(method, path)`` picks, holds the answer back: ``held`` is set
+    once the gateway has done that request, and the client gets no answer until
+    ``release`` is set (then its connection is dropped).  A test kills the client
+    while it waits: a kill right after a known request took effect."""
+
+    def __init__(self, upstream: str, hold: Callable[[str, str], bool]) -> None:
+        import http.server
+        import threading
+
+        u = urllib.parse.urlsplit(upstream)
+        host, port = u.hostname or "127.0.0.1", u.port or 80
+        self.held = threading.Event()
+        self.release = threading.Event()
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+            def _any(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                conn.putrequest(self.command, self.path, skip_host=True,
+                                skip_accept_encoding=True)
+                for k, v in self.headers.items():
+                    conn.putheader(k, v)
+                conn.endheaders(body if body else None)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                with lock:
+                    mine = not proxy.held.is_set() and hold(self.command, self.path)
+                    if mine:
+                        proxy.held.set()
+                if mine:
+                    proxy.release.wait()
+                    self.close_connection = True
+                    return
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -3,10 +3,12 @@
 The object-store commit protocol (docs/format.md, "Object stores"):
 
 - Every object is written with one PUT (chunks are at most 64 MiB, indexes 256 MiB,
-  far below S3's 5 GiB single-PUT limit): no multipart upload, so an interrupted run
-  leaves no incomplete upload behind, and ``leftovers()`` has nothing to list.  A PUT is
-  atomic: the object appears whole or not at all, and is durable once acknowledged.
-  So there is no tmp object, no rename and no fsync.
+  far below S3's 5 GiB single-PUT limit): backupkit starts no multipart upload, so an
+  interrupted run of ours leaves no incomplete upload behind.  A PUT is atomic: the
+  object appears whole or not at all, and is durable once acknowledged.  So there is
+  no tmp object, no rename and no fsync.  ``leftovers()`` lists the incomplete
+  multipart uploads under the prefix (another tool's, or an older version's), and
+  ``delete()`` of such a leftover aborts the upload: gc frees their parts.
 - ``put_if_absent`` sends ``If-None-Match: *`` (create-if-absent, honoured by AWS S3
   since 2024, Ceph RGW and MinIO on single PUTs; a store may ignore it on multipart
   completion, which we never use).  412 means another writer was first.
@@ -17,6 +19,10 @@ The object-store commit protocol (docs/format.md, "Object stores"):
   before the manifest that names them, which is written last as the commit point.
 - Retries (throttling such as 503 SlowDown, 5xx, dropped connections) are botocore's
   ``standard`` retry mode with exponential backoff and jitter, not a loop of ours.
+  One rule of ours bounds them: until the endpoint has answered once (any HTTP
+  answer), a connection that cannot be made is tried ``FIRST_CONTACT_ATTEMPTS`` times
+  only, so a wrong or dead endpoint fails within seconds; once it answered, the full
+  budget rides out a gateway restart.
 
 Credentials, region and endpoint come from the usual AWS places (environment,
 ``~/.aws/config`` and ``credentials``, a profile), settings in backupkit's config
@@ -51,6 +57,10 @@ _NO_BUCKET_CODES = {"NoSuchBucket"}
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
                "InvalidToken", "ExpiredToken"}
 _READ_PIECE = 256 * 1024  # a GET body is copied into the caller's buffer in pieces this big
+#: Attempts to connect before the endpoint has answered once (then: the full budget).
+FIRST_CONTACT_ATTEMPTS = 3
+#: Marks the pseudo-key of an incomplete multipart upload in leftovers().
+_UPLOAD_MARK = "#multipart-upload="
 
 
 @dataclass(frozen=True)
@@ -123,8 +133,9 @@ class S3Storage:
         style = settings.addressing_style or ("path" if endpoint else None)
         # botocore's standard retry mode (backoff with jitter on throttling, 5xx and
         # dropped connections); $AWS_RETRY_MODE and $AWS_MAX_ATTEMPTS still apply.  Ten
-        # attempts ride out a gateway restart (3-5 s for Ceph RGW here); an endpoint
-        # that stays unreachable fails after about 20 s.
+        # attempts (about 20 s of backoff, botocore 1.44) ride out a gateway restart
+        # (3-5 s for Ceph RGW here) when each thread has its own client (_client); an
+        # endpoint that never answered gets FIRST_CONTACT_ATTEMPTS (_first_contact).
         retries: dict[str, Any] = {}
         if not os.environ.get("AWS_RETRY_MODE"):
             retries["mode"] = "standard"
@@ -141,14 +152,51 @@ class S3Storage:
             response_checksum_validation="when_required",
         )
         self.endpoint = endpoint
-        with _sessions_lock:  # a session is not thread-safe
-            self._client: Any = session.client("s3", endpoint_url=settings.endpoint or None,
-                                               config=config)
+        self._new_client_args = (session, settings.endpoint or None, config)
+        self._clients = threading.local()
+        self._answered = False  # the endpoint has answered once (_first_contact)
+        self._clients.client = self._new_client()
+        self._uploads: dict[str, tuple[str, str]] = {}  # leftovers(): pseudo-key -> upload
         self._cond = threading.Condition()
         self._pending: dict[str, int] = {}  # key -> size of deferred uploads not yet done
         self._inflight = 0
         self._failed: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
+
+    def _new_client(self) -> Any:
+        session, endpoint, config = self._new_client_args
+        with _sessions_lock:  # a session is not thread-safe
+            client = session.client("s3", endpoint_url=endpoint, config=config)
+        client.meta.events.register_first("needs-retry.s3", self._first_contact)
+        return client
+
+    @property
+    def _client(self) -> Any:
+        """This thread's botocore client: one per thread, because botocore's standard
+        retry mode gives each client one retry quota (500 units, 14 per retry: about
+        35 retries) shared by all its threads.  Eight uploads meeting a gateway that
+        restarts used it up within half a second (measured: 9 threads, 0.2-0.6 s), and
+        the run failed at once; with a client each, every request keeps its attempts
+        (about 20 s of backoff), which rides out a restart.  ~15 ms per client."""
+        client = getattr(self._clients, "client", None)
+        if client is None:
+            client = self._clients.client = self._new_client()
+        return client
+
+    def _first_contact(self, response: Any = None, caught_exception: Any = None,
+                       attempts: int = 0, **_kw: Any) -> None:
+        """botocore's needs-retry hook, called first after every attempt: stop retrying a
+        connection that cannot be made until the endpoint has answered once.
+
+        A wrong endpoint, or a gateway that is down when the command starts, then fails
+        within seconds (exit 1) instead of after the whole backoff budget (half a
+        minute); a gateway that goes away in the middle of a run, after answering, is
+        retried with the full budget.  Returns None: botocore's own handler decides."""
+        if response is not None:
+            self._answered = True
+        elif (not self._answered and attempts >= FIRST_CONTACT_ATTEMPTS
+              and isinstance(caught_exception, botocore.exceptions.EndpointConnectionError)):
+            raise caught_exception
 
     # -- naming and errors ----------------------------------------------------------
 
@@ -191,6 +239,11 @@ class S3Storage:
         except botocore.exceptions.NoCredentialsError as e:
             raise UsageError(f"{self.location}: no S3 credentials (set AWS_ACCESS_KEY_ID "
                              "and AWS_SECRET_ACCESS_KEY, or a profile)") from e
+        except botocore.exceptions.EndpointConnectionError as e:
+            how = ("it has not answered yet: check the endpoint (AWS_ENDPOINT_URL_S3 or "
+                   "s3.endpoint) and that the server runs" if not self._answered
+                   else "it stopped answering in the middle of the run")
+            raise OperationFailed(f"{self.location}: {what}: {e} ({how})") from e
         except botocore.exceptions.BotoCoreError as e:
             raise OperationFailed(f"{self.location}: {what}: {e}") from e
 
@@ -395,12 +448,55 @@ class S3Storage:
                     yield ObjectInfo(key, int(obj["Size"]))
 
     def leftovers(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        # Single PUTs only: an interrupted write leaves nothing (no tmp object, no
-        # incomplete multipart upload).  Chunks uploaded by a run that never committed
-        # are ordinary unreferenced chunks, for gc.
-        return iter(())
+        """Incomplete multipart uploads under prefix, as ``KEY#multipart-upload=ID``
+        pseudo-keys (their size: the parts uploaded); ``delete()`` of one aborts it.
+
+        backupkit writes with single PUTs only: an interrupted write of ours leaves no
+        tmp object and no upload (chunks uploaded by a run that never committed are
+        ordinary unreferenced chunks, for gc).  An upload here was started by another
+        tool or an older version; nothing can complete it into the repository, and its
+        parts are stored (and billed) until it is aborted.  One listing request per
+        1,000 uploads, one per upload for its size."""
+        if prefix.strip("/"):
+            self._key(prefix.strip("/"))
+        full = self._root + prefix
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._errors(f"listing incomplete uploads under {prefix or '/'}"):
+            uploads = [(u["Key"], u["UploadId"])
+                       for page in paginator.paginate(Bucket=self.bucket, Prefix=full)
+                       for u in page.get("Uploads", ())]
+        for key, upload_id in uploads:
+            rel = key[len(self._root):]
+            size = 0
+            with self._errors(f"listing the parts of an upload to {rel}"):
+                try:
+                    for page in self._client.get_paginator("list_parts").paginate(
+                            Bucket=self.bucket, Key=key, UploadId=upload_id):
+                        size += sum(int(p.get("Size", 0)) for p in page.get("Parts", ()))
+                except botocore.exceptions.ClientError as e:
+                    if _code(e) != "NoSuchUpload":
+                        raise
+                    continue  # completed or aborted meanwhile
+            pseudo = f"{rel}{_UPLOAD_MARK}{upload_id}"
+            self._uploads[pseudo] = (key, upload_id)
+            yield ObjectInfo(pseudo, size)
+
+    def _abort_upload(self, pseudo: str) -> bool:
+        key, upload_id = self._uploads[pseudo]
+        with self._errors(f"aborting the incomplete upload to {key[len(self._root):]}"):
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                                    UploadId=upload_id)
+            except botocore.exceptions.ClientError as e:
+                if _code(e) != "NoSuchUpload":
+                    raise
+                return False
+        del self._uploads[pseudo]
+        return True
 
     def delete(self, key: str) -> bool:
+        if key in self._uploads:
+            return self._abort_upload(key)
         if self._head(key) is None:
             return False
         with self._errors(f"deleting {key}"):
