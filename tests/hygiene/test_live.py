@@ -211,9 +211,9 @@ def test_check_fix_on_domain(
     dom.raw.checkpointCreateXML(
         "<domaincheckpoint><name>other</name><disks>"
         "<disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>", 0)
-    node = next(n["node-name"] for n in hygiene.block_nodes(dom)
+    node = next(n["node-name"] for n in dom.block_nodes()
                 if n["drv"] == "qcow2" and n["file"] == active)
-    hygiene.remove_bitmap_qmp(dom, node, "other")
+    dom.remove_bitmap_qmp(node, "other")
 
     with pytest.raises(BitmapLost) as e:
         hygiene.check(domain=td.name, connect=rig.URI, repo=str(repo_path))
