@@ -87,11 +87,12 @@ def build_parser() -> ArgumentParser:
 
     s = sub.add_parser("init", help="create an empty repository")
     s.add_argument("--chunk-size", type=_size, metavar="BYTES",
-                   help="chunk size (power of two, 64K..16M; default from config, 1M)")
+                   help=f"chunk size (power of two, {config.CHUNK_SIZE_RANGE}; default from "
+                        "config, 1M)")
     s.add_argument("--compression-level", type=int, metavar="N",
                    help="zstd level recorded in the repository (-7..-1 or 1..22; default "
                         "from config, 1)")
-    s.add_argument("--hash", choices=("blake3", "sha256"), default="blake3",
+    s.add_argument("--hash", choices=config.CHUNK_HASHES, default=config.CHUNK_HASHES[0],
                    help="chunk hash, fixed for the repository's life (default blake3, "
                         "about 4x faster; sha256 where a FIPS-approved hash is required)")
     s.add_argument("--encryption", action="store_true",

@@ -17,6 +17,21 @@ DEFAULT_PATH = "/etc/backupkit/backupkit.toml"
 DEFAULT_CONNECT = "qemu:///system"
 MAX_CONFIG_SIZE = 1 << 20
 
+# A repository's chunk size: a power of two in this range, the one check for the
+# config's chunk_size, `init --chunk-size` and the repository format itself.
+CHUNK_SIZE_MIN = 4 << 10
+CHUNK_SIZE_MAX = 64 << 20
+CHUNK_SIZE_DEFAULT = 1 << 20
+CHUNK_SIZE_RANGE = "4K..64M"  # as --help and the man pages say it
+# The chunk hashes a repository may use (`init --hash`); the first is the default.
+CHUNK_HASHES = ("blake3", "sha256")
+
+
+def chunk_size_ok(n: int) -> bool:
+    """Whether ``n`` is a chunk size a repository may have."""
+    return n > 0 and not n & (n - 1) and CHUNK_SIZE_MIN <= n <= CHUNK_SIZE_MAX
+
+
 QUIESCE_VALUES = (True, False, "try")
 MODES = ("auto", "full", "incremental")
 
@@ -41,7 +56,7 @@ class Config:
     scratch_dir: str = "/var/lib/backupkit/scratch"
     scratch_min_free: int = 512 << 20
     lock_wait: float = 0.0
-    chunk_size: int = 1 << 20
+    chunk_size: int = CHUNK_SIZE_DEFAULT
     backup: DomainSettings = field(default_factory=DomainSettings)
     domains: dict[str, dict[str, Any]] = field(default_factory=dict)
     keep_last: int = 0
@@ -184,9 +199,8 @@ def parse(doc: dict[str, Any], path: str) -> Config:
     if kw.get("s3_addressing_style", "path") not in ADDRESSING_STYLES:
         raise ConfigError(f"s3.addressing_style must be one of {', '.join(ADDRESSING_STYLES)}",
                           path)
-    cs = kw.get("chunk_size", 1 << 20)
-    if cs & (cs - 1) or not (64 << 10) <= cs <= (16 << 20):
-        raise ConfigError("chunk_size must be a power of two between 64 KiB and 16 MiB", path)
+    if not chunk_size_ok(kw.get("chunk_size", CHUNK_SIZE_DEFAULT)):
+        raise ConfigError(f"chunk_size must be a power of two, {CHUNK_SIZE_RANGE}", path)
     return Config(path=path, **kw)
 
 
