@@ -7,8 +7,10 @@ man/backupkit.toml.5 and config/backupkit.toml document each of them.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 from backupkit.errors import ConfigError
@@ -30,6 +32,21 @@ CHUNK_HASHES = ("blake3", "sha256")
 def chunk_size_ok(n: int) -> bool:
     """Whether ``n`` is a chunk size a repository may have."""
     return n > 0 and not n & (n - 1) and CHUNK_SIZE_MIN <= n <= CHUNK_SIZE_MAX
+
+
+# Units of a prune --keep-within duration, as borg counts them: a month is 31 days,
+# a year 365.
+DURATION_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1),
+                  "m": timedelta(days=31), "y": timedelta(days=365)}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """``7d``, ``12h``, ``2w``, ``1m``, ``1y`` or a sum (``1y6m``); None if not one (or 0)."""
+    parts = re.findall(r"(\d+)([hdwmy])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    total = sum((int(n) * DURATION_UNITS[u] for n, u in parts), timedelta())
+    return total if total > timedelta(0) else None
 
 
 QUIESCE_VALUES = (True, False, "try")
@@ -65,6 +82,7 @@ class Config:
     keep_weekly: int = 4
     keep_monthly: int = 6
     keep_yearly: int = 0
+    keep_within: str | None = None  # a duration (parse_duration), None: rule off
     verify_data: bool = False
     metrics_textfile: str | None = None
     s3_endpoint: str | None = None
@@ -100,9 +118,12 @@ _BACKUP: dict[str, tuple[tuple[type, ...], str]] = {
     "workers": ((int,), "threads hashing and compressing"),
     "compression_level": ((int,), "zstd level for new chunks"),
 }
+_PRUNE_COUNTS = tuple(f"keep_{k}" for k in
+                      ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
 _PRUNE: dict[str, tuple[tuple[type, ...], str]] = {
-    f"keep_{k}": ((int,), f"keep {k}")
-    for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly")}
+    **{k: ((int,), k.replace("_", " ")) for k in _PRUNE_COUNTS},
+    "keep_within": ((str,), "keep every backup newer than this duration (7d, 12h, 2w, 1m, 1y)"),
+}
 _VERIFY: dict[str, tuple[tuple[type, ...], str]] = {"data": ((bool,), "re-read every chunk")}
 _METRICS: dict[str, tuple[tuple[type, ...], str]] = {
     "textfile": ((str,), "Prometheus textfile path"),
@@ -193,9 +214,12 @@ def parse(doc: dict[str, Any], path: str) -> Config:
         raise ConfigError(f"scratch_dir must be an absolute directory path, not {sd!r}", path)
     if kw.get("scratch_min_free", 0) < 0:
         raise ConfigError("scratch_min_free must not be negative", path)
-    for key in _PRUNE:
+    for key in _PRUNE_COUNTS:
         if kw.get(key, 0) < 0:
             raise ConfigError(f"prune.{key} must not be negative", path)
+    if "keep_within" in kw and parse_duration(kw["keep_within"]) is None:
+        raise ConfigError(f"prune.keep_within must be a duration such as 7d, 12h, 2w, 1m or "
+                          f"1y, not {kw['keep_within']!r}", path)
     if kw.get("s3_addressing_style", "path") not in ADDRESSING_STYLES:
         raise ConfigError(f"s3.addressing_style must be one of {', '.join(ADDRESSING_STYLES)}",
                           path)

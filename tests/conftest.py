@@ -7,6 +7,7 @@ can never pass as green.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,17 @@ from pathlib import Path
 import pytest
 
 from tests import rig
+
+
+@pytest.fixture(autouse=True)
+def _restore_backupkit_logger() -> Iterator[None]:
+    """cli.main points the backupkit logger at the sys.stderr of its moment (a test's
+    captured one): put it back afterwards, or a later test's errors go to a closed stream."""
+    logger = logging.getLogger("backupkit")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,19 +16,14 @@ TEST_CONFIG = "chunk_size = 65536\n"
 
 
 @pytest.fixture(autouse=True)
-def test_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+def test_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """In-process runs read this test file, never this host's /etc/backupkit or the
-    caller's environment.  The logger cli.main sets up writes to this test's captured
-    stderr: put it back afterwards, or the next test's early errors go to a closed one."""
+    caller's environment."""
     path = tmp_path / "backupkit-test.toml"
     path.write_text(TEST_CONFIG)
     monkeypatch.setenv("BACKUPKIT_CONFIG", str(path))
     monkeypatch.delenv("BACKUPKIT_REPO", raising=False)
-    logger = logging.getLogger("backupkit")
-    saved = (logger.handlers[:], logger.propagate, logger.level)
-    yield str(path)
-    logger.handlers[:], logger.propagate = saved[0], saved[1]
-    logger.setLevel(saved[2])
+    return str(path)
 
 
 def error_of(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
