@@ -19,6 +19,7 @@ from tests.faults.conftest import (
     MiB,
     guest_flush,
     one_line_error,
+    paused_second_backup,
     qemu_pid,
     write_random,
 )
@@ -112,12 +113,8 @@ def test_libvirtd_restarted_mid_backup(make_domain: MakeDomain, bk: Bk,
                                        tmp_path: Path) -> None:
     import libvirt
 
-    td = make_domain([("qcow2", 32 * MiB)])
-    td.write("vda", 0, 1 * MiB, 0x11)
-    bk.backup(td)
-    write_random(td, "vda", 4 * MiB, 512 * 1024, 9, tmp_path)
-    before = {d.target: d.snapshot_reference(tmp_path / f"ref-r-{d.target}") for d in td.disks}
-    p = bk.stopped_at("before_first_chunk", "backup", td.name)
+    td, before, p = paused_second_backup(make_domain, bk, tmp_path, length=512 * 1024,
+                                         seed=9, tag="r")
     try:
         _restart_libvirtd()
     finally:
@@ -143,12 +140,8 @@ def test_libvirtd_restarted_mid_backup(make_domain: MakeDomain, bk: Bk,
 def test_second_backup_gc_prune_while_backup_runs(make_domain: MakeDomain, bk: Bk,
                                                   libvirt_conn: object,
                                                   tmp_path: Path) -> None:
-    td = make_domain([("qcow2", 32 * MiB)])
-    td.write("vda", 0, 1 * MiB, 0x11)
-    bk.backup(td)
-    write_random(td, "vda", 4 * MiB, 512 * 1024, 10, tmp_path)
-    before = {d.target: d.snapshot_reference(tmp_path / f"ref-c-{d.target}") for d in td.disks}
-    p = bk.stopped_at("before_first_chunk", "backup", td.name)
+    td, before, p = paused_second_backup(make_domain, bk, tmp_path, length=512 * 1024,
+                                         seed=10, tag="c")
     try:
         cp = bk.run("backup", td.name)
         assert cp.returncode == 3, cp.stderr

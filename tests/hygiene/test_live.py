@@ -28,16 +28,6 @@ from tests.hygiene.helpers import GiB, MiB, add, bitmaps, create
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
 
-@pytest.fixture
-def repo(repo_path: Path) -> Repository:
-    return Repository.init(str(repo_path), chunk_size=256 * 1024)
-
-
-@pytest.fixture
-def conn(libvirt_conn: Any) -> virt.Connection:
-    return virt.connect(rig.URI)
-
-
 def do_backup(repo: Repository, conn: virt.Connection, td: rig.TestDomain,
               scratch: Path) -> dict[str, Any]:
     return backup_op.backup(repo, conn, backup_op.Request(domain=td.name,

@@ -24,16 +24,6 @@ pytestmark = pytest.mark.libvirt
 MiB = rig.MiB
 
 
-@pytest.fixture
-def repo(repo_path: Path) -> Repository:
-    return Repository.init(str(repo_path), chunk_size=256 * 1024)
-
-
-@pytest.fixture
-def conn(libvirt_conn: Any) -> virt.Connection:
-    return virt.connect(rig.URI)
-
-
 def do_backup(repo: Repository, conn: virt.Connection, td: rig.TestDomain, scratch: Path,
               hooks: op.Hooks | None = None, **kw: Any) -> dict[str, Any]:
     return op.backup(repo, conn, op.Request(domain=td.name, scratch_dir=str(scratch), **kw),

@@ -214,10 +214,11 @@ def test_listing_inside_bulk_does_not_share_a_cached_directory(tmp_path: Path) -
         assert st.get(keys[2], 10) == b"x"
 
 
-@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 65536, 1024 * 1024 + 1])
-def test_get_into_an_aligned_buffer_reads_past_the_cache(tmp_path: Path, size: int,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    st = LocalStorage(str(tmp_path))
+def _stored_and_spied(where: Path, size: int, monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[LocalStorage, bytes, list[int]]:
+    """A storage at ``where`` holding chunks/ab/k (``size`` random bytes), and the flags
+    of every os.open from now on."""
+    st = LocalStorage(str(where))
     data = os.urandom(size)
     st.replace("chunks/ab/k", data)
     flags: list[int] = []
@@ -228,6 +229,13 @@ def test_get_into_an_aligned_buffer_reads_past_the_cache(tmp_path: Path, size: i
         return real_open(path, flag, *args, **kw)
 
     monkeypatch.setattr(os, "open", spy)
+    return st, data, flags
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 65536, 1024 * 1024 + 1])
+def test_get_into_an_aligned_buffer_reads_past_the_cache(tmp_path: Path, size: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    st, data, flags = _stored_and_spied(tmp_path, size, monkeypatch)
     buf = storage_mod.aligned_buffer(1024 * 1024 + 1)
     assert len(buf) == 1024 * 1024 + 4096
     assert bytes(st.get_into("chunks/ab/k", buf)) == data
@@ -280,17 +288,7 @@ def direct_dir(tmp_path: Path) -> Iterator[Path]:
 def test_direct_reads_on_a_filesystem_that_takes_them(direct_dir: Path, size: int,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The O_DIRECT branch itself, wherever tmp_path may be: reads bypass the cache."""
-    st = LocalStorage(str(direct_dir))
-    data = os.urandom(size)
-    st.replace("chunks/ab/k", data)
-    flags: list[int] = []
-    real_open = os.open
-
-    def spy(path: Any, flag: int, *args: Any, **kw: Any) -> int:
-        flags.append(flag)
-        return real_open(path, flag, *args, **kw)
-
-    monkeypatch.setattr(os, "open", spy)
+    st, data, flags = _stored_and_spied(direct_dir, size, monkeypatch)
     buf = storage_mod.aligned_buffer(1024 * 1024 + 1)
     assert bytes(st.get_into("chunks/ab/k", buf)) == data
     assert st.direct_reads
