@@ -28,7 +28,6 @@ trusted alone.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +35,7 @@ from typing import Any
 
 from backupkit import faults, proc, qemu
 from backupkit.errors import BitmapLost, CommandFailed, ImageInUse, OperationFailed, UsageError
+from backupkit.fileio import same_image as same_image  # re-exported: bm.same_image
 
 log = logging.getLogger("backupkit.bitmaps")
 
@@ -112,17 +112,6 @@ def bitmap_json(b: qemu.Bitmap) -> dict[str, Any]:
 
 def bitmaps_json(info: qemu.ImageInfo) -> list[dict[str, Any]]:
     return [bitmap_json(b) for b in sorted(info.bitmaps, key=lambda b: b.name)]
-
-
-def same_image(a: str, b: str) -> bool:
-    """Whether two paths name the same image (files, symlinks, block devices)."""
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-    if sa.st_rdev and sb.st_rdev:  # block devices: same device number
-        return sa.st_rdev == sb.st_rdev
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 from backupkit import __version__, config, errors
@@ -103,11 +104,12 @@ def build_parser() -> ArgumentParser:
 
     s = sub.add_parser("init", help="create an empty repository")
     s.add_argument("--chunk-size", type=_size, metavar="BYTES",
-                   help="chunk size (power of two, 64K..16M; default from config, 1M)")
+                   help=f"chunk size (power of two, {config.CHUNK_SIZE_RANGE}; default from "
+                        "config, 1M)")
     s.add_argument("--compression-level", type=int, metavar="N",
                    help="zstd level recorded in the repository (-7..-1 or 1..22; default "
                         "from config, 1)")
-    s.add_argument("--hash", choices=("blake3", "sha256"), default="blake3",
+    s.add_argument("--hash", choices=config.CHUNK_HASHES, default=config.CHUNK_HASHES[0],
                    help="chunk hash, fixed for the repository's life (default blake3, "
                         "about 4x faster; sha256 where a FIPS-approved hash is required)")
     s.add_argument("--encryption", action="store_true",
@@ -216,6 +218,9 @@ def build_parser() -> ArgumentParser:
         s.add_argument(f"--keep-{k}", type=int, metavar="N", default=None,
                        help=f"keep the newest {'N backups' if k == 'last' else k + ' backups'}"
                        + ("" if k == "last" else " (one per period, N periods)"))
+    s.add_argument("--keep-within", type=_duration, metavar="DURATION", default=None,
+                   help="keep every backup newer than DURATION (7d, 12h, 2w, 1m = 31 days, "
+                        "1y = 365 days, or a sum such as 1y6m)")
     s.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     _wait(s)
     s.set_defaults(func=cmd_prune)
@@ -309,6 +314,14 @@ def _size(text: str) -> int:
         return int(t[:-1] if t[-1:] in units else t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+
+
+def _duration(text: str) -> timedelta:
+    d = config.parse_duration(text)
+    if d is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: a number and h, d, w, m or y (7d, 12h, 1y6m)")
+    return d
 
 
 # --- context --------------------------------------------------------------------
@@ -665,11 +678,14 @@ def cmd_prune(args: argparse.Namespace, cfg: config.Config) -> Any:
 
     keys = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
     given = {k: getattr(args, f"keep_{k}") for k in keys}
-    if all(v is None for v in given.values()):
+    within = args.keep_within
+    if all(v is None for v in given.values()) and within is None:
         given = {k: getattr(cfg, f"keep_{k}") for k in keys}
+        within = config.parse_duration(cfg.keep_within) if cfg.keep_within else None
     policy = prune.Policy(last=given["last"] or 0, hourly=given["hourly"] or 0,
                           daily=given["daily"] or 0, weekly=given["weekly"] or 0,
-                          monthly=given["monthly"] or 0, yearly=given["yearly"] or 0)
+                          monthly=given["monthly"] or 0, yearly=given["yearly"] or 0,
+                          within=within)
     return prune.prune(_open_repo(args, cfg, args.domain), args.domain, policy,
                        dry_run=args.dry_run, wait=_lock_wait(args, cfg))
 

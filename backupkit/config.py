@@ -11,6 +11,7 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 from backupkit.errors import ConfigError
@@ -18,6 +19,36 @@ from backupkit.errors import ConfigError
 DEFAULT_PATH = "/etc/backupkit/backupkit.toml"
 DEFAULT_CONNECT = "qemu:///system"
 MAX_CONFIG_SIZE = 1 << 20
+
+# A repository's chunk size: a power of two in this range, the one check for the
+# config's chunk_size, `init --chunk-size` and the repository format itself.
+CHUNK_SIZE_MIN = 4 << 10
+CHUNK_SIZE_MAX = 64 << 20
+CHUNK_SIZE_DEFAULT = 1 << 20
+CHUNK_SIZE_RANGE = "4K..64M"  # as --help and the man pages say it
+# The chunk hashes a repository may use (`init --hash`); the first is the default.
+CHUNK_HASHES = ("blake3", "sha256")
+
+
+def chunk_size_ok(n: int) -> bool:
+    """Whether ``n`` is a chunk size a repository may have."""
+    return n > 0 and not n & (n - 1) and CHUNK_SIZE_MIN <= n <= CHUNK_SIZE_MAX
+
+
+# Units of a prune --keep-within duration, as borg counts them: a month is 31 days,
+# a year 365.
+DURATION_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1),
+                  "m": timedelta(days=31), "y": timedelta(days=365)}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """``7d``, ``12h``, ``2w``, ``1m``, ``1y`` or a sum (``1y6m``); None if not one (or 0)."""
+    parts = re.findall(r"(\d+)([hdwmy])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    total = sum((int(n) * DURATION_UNITS[u] for n, u in parts), timedelta())
+    return total if total > timedelta(0) else None
+
 
 QUIESCE_VALUES = (True, False, "try")
 MODES = ("auto", "full", "incremental")
@@ -47,7 +78,7 @@ class Config:
     scratch_dir: str = "/var/lib/backupkit/scratch"
     scratch_min_free: int = 512 << 20
     lock_wait: float = 0.0
-    chunk_size: int = 1 << 20
+    chunk_size: int = CHUNK_SIZE_DEFAULT
     backup: DomainSettings = field(default_factory=DomainSettings)
     domains: dict[str, dict[str, Any]] = field(default_factory=dict)
     keep_last: int = 0
@@ -56,6 +87,7 @@ class Config:
     keep_weekly: int = 4
     keep_monthly: int = 6
     keep_yearly: int = 0
+    keep_within: str | None = None  # a duration (parse_duration), None: rule off
     verify_data: bool = False
     metrics_textfile: str | None = None
     s3_endpoint: str | None = None
@@ -93,9 +125,12 @@ _BACKUP: dict[str, tuple[tuple[type, ...], str]] = {
     "workers": ((int,), "threads hashing and compressing"),
     "compression_level": ((int,), "zstd level for new chunks"),
 }
+_PRUNE_COUNTS = tuple(f"keep_{k}" for k in
+                      ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
 _PRUNE: dict[str, tuple[tuple[type, ...], str]] = {
-    f"keep_{k}": ((int,), f"keep {k}")
-    for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly")}
+    **{k: ((int,), k.replace("_", " ")) for k in _PRUNE_COUNTS},
+    "keep_within": ((str,), "keep every backup newer than this duration (7d, 12h, 2w, 1m, 1y)"),
+}
 _VERIFY: dict[str, tuple[tuple[type, ...], str]] = {"data": ((bool,), "re-read every chunk")}
 _METRICS: dict[str, tuple[tuple[type, ...], str]] = {
     "textfile": ((str,), "Prometheus textfile path"),
@@ -186,17 +221,19 @@ def parse(doc: dict[str, Any], path: str) -> Config:
         raise ConfigError(f"scratch_dir must be an absolute directory path, not {sd!r}", path)
     if kw.get("scratch_min_free", 0) < 0:
         raise ConfigError("scratch_min_free must not be negative", path)
-    for key in _PRUNE:
+    for key in _PRUNE_COUNTS:
         if kw.get(key, 0) < 0:
             raise ConfigError(f"prune.{key} must not be negative", path)
+    if "keep_within" in kw and parse_duration(kw["keep_within"]) is None:
+        raise ConfigError(f"prune.keep_within must be a duration such as 7d, 12h, 2w, 1m or "
+                          f"1y, not {kw['keep_within']!r}", path)
     if kw.get("s3_addressing_style", "path") not in ADDRESSING_STYLES:
         raise ConfigError(f"s3.addressing_style must be one of {', '.join(ADDRESSING_STYLES)}",
                           path)
     if "host" in kw:
         check_host(kw["host"], path)
-    cs = kw.get("chunk_size", 1 << 20)
-    if cs & (cs - 1) or not (64 << 10) <= cs <= (16 << 20):
-        raise ConfigError("chunk_size must be a power of two between 64 KiB and 16 MiB", path)
+    if not chunk_size_ok(kw.get("chunk_size", CHUNK_SIZE_DEFAULT)):
+        raise ConfigError(f"chunk_size must be a power of two, {CHUNK_SIZE_RANGE}", path)
     return Config(path=path, **kw)
 
 

@@ -174,8 +174,9 @@ class CommandFailed(OperationFailed):
     rc: int
     stderr: str
 
-    def __init__(self, cmd: str, rc: int, stderr: str) -> None:
+    def __init__(self, cmd: str, rc: int, stderr: str, stdout: bytes = b"") -> None:
         super().__init__(stderr, cmd=cmd, rc=rc, stderr=stderr.strip())
+        self.stdout = stdout  # for commands whose non-zero exits still carry a result
 
 
 class LibvirtError(OperationFailed):

@@ -77,3 +77,14 @@ class Writeback:
                 return
             self._pending = 0
         start_writeback(self.fd)
+
+
+def same_image(a: str, b: str) -> bool:
+    """Whether two paths name the same image (files, symlinks, block devices)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    if sa.st_rdev and sb.st_rdev:  # block devices: same device number
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

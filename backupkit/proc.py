@@ -42,7 +42,8 @@ def run(
         raise CommandFailed(shlex.join(cmd), -1, f"timed out after {timeout}s") from e
     if cp.returncode != 0:
         stderr = cp.stderr.decode("utf-8", "replace")
-        raise CommandFailed(cmd[0] + " " + " ".join(cmd[1:3]), cp.returncode, stderr)
+        raise CommandFailed(cmd[0] + " " + " ".join(cmd[1:3]), cp.returncode, stderr,
+                            cp.stdout)
     return cp.stdout
 
 

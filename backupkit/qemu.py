@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,7 +153,8 @@ def chain(path: str, *, fmt: str, force_share: bool = True,
     return parse_chain(json.loads(_run(cmd, runner)))
 
 
-def image_end(path: str, *, fmt: str, force_share: bool) -> int:
+def image_end(path: str, *, fmt: str, force_share: bool,
+              runner: proc.Runner | None = None) -> int:
     """Where the qcow2's highest allocated cluster ends (qemu-img check, read-only).
 
     Exit codes 0-3 all carry the JSON (2 and 3: errors or leaks found).
@@ -162,14 +162,17 @@ def image_end(path: str, *, fmt: str, force_share: bool) -> int:
     cmd = [QEMU_IMG, "check", "--output=json", "-f", fmt]
     if force_share:
         cmd.append("-U")
-    cp = subprocess.run([*cmd, path], capture_output=True, check=False)
+    stderr = ""
     try:
-        doc = json.loads(cp.stdout or b"{}")
+        out = (runner or proc.run)([*cmd, path])
+    except CommandFailed as e:
+        out, stderr = e.stdout, e.stderr
+    try:
+        doc = json.loads(out or b"{}")
     except ValueError:
         doc = {}
     if "image-end-offset" not in doc:
-        raise OperationFailed(f"{path}: cannot read the image end offset: "
-                              f"{cp.stderr.decode(errors='replace').strip()}")
+        raise OperationFailed(f"{path}: cannot read the image end offset: {stderr.strip()}")
     return int(doc["image-end-offset"])
 
 

@@ -7,15 +7,34 @@ can never pass as green.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from backupkit.repo import Repository
 from tests import rig
+
+if TYPE_CHECKING:
+    from backupkit import virt
+
+
+@pytest.fixture(autouse=True)
+def _restore_backupkit_logger() -> Iterator[None]:
+    """cli.main points the backupkit logger at the sys.stderr of its moment (a test's
+    captured one): put it back afterwards, or a later test's errors go to a closed stream."""
+    logger = logging.getLogger("backupkit")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -81,24 +100,48 @@ def make_domain(libvirt_conn: object, tmp_path: Path
         td.cleanup()
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (root only; the test is skipped when it cannot be mounted)."""
-    mnt = tmp_path / "mnt"
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mnt`` (created) with ``options`` (root only): skipped when it
+    cannot be mounted, a failure under CI=true."""
     mnt.mkdir()
-    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
                         capture_output=True, text=True, check=False)
     if cp.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {cp.stderr.strip()}")
+        why = f"cannot mount a tmpfs ({options}): {cp.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs."""
+    with tmpfs(tmp_path / "mnt", "size=1m") as mnt:
+        yield mnt
 
 
 @pytest.fixture
 def repo_path(tmp_path: Path) -> Path:
     return tmp_path / "repo"
+
+
+@pytest.fixture
+def repo(repo_path: Path) -> Repository:
+    """A fresh repository at repo_path (256 KiB chunks) for the libvirt tests."""
+    return Repository.init(str(repo_path), chunk_size=256 * 1024)
+
+
+@pytest.fixture
+def conn(libvirt_conn: object) -> virt.Connection:
+    """backupkit's libvirt adapter on the test URI (libvirt_conn: reachable, else skip/fail)."""
+    from backupkit import virt  # imports libvirt: only once libvirt_conn found it
+
+    return virt.connect(rig.URI)
 
 
 @pytest.fixture

@@ -158,6 +158,15 @@ def compare(reference: Path, image: Path, fmt: str) -> None:
     assert cp.returncode == 0, f"{image} differs from {reference}: {cp.stdout}{cp.stderr}"
 
 
+def remove_domain(conn: libvirt.virConnect, name: str) -> None:
+    """Destroy (if running) and undefine domain ``name``; nothing if it does not exist."""
+    with contextlib.suppress(libvirt.libvirtError):
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
 def leftover_domains(conn: libvirt.virConnect, prefix: str = "bk-") -> Iterator[str]:
     for d in conn.listAllDomains(0):
         if d.name().startswith(prefix):

@@ -15,8 +15,26 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_example_config_loads() -> None:
-    cfg = config.load(str(Path(__file__).parent.parent / "config" / "backupkit.toml"))
-    assert cfg.repository
+    """The shipped example: every value it sets is the value read (and the default)."""
+    path = str(Path(__file__).parent.parent / "config" / "backupkit.toml")
+    cfg = config.load(path)
+    assert (cfg.repository, cfg.connect, cfg.scratch_dir) == (
+        "/var/lib/backupkit/repo", "qemu:///system", "/var/lib/backupkit/scratch")
+    assert (cfg.scratch_min_free, cfg.lock_wait, cfg.chunk_size) == (512 << 20, 0, 1 << 20)
+    assert cfg.backup == config.DomainSettings(
+        repository=None, mode="auto", exclude_disks=(), quiesce=False, workers=2,
+        compression_level=1)
+    assert (cfg.keep_last, cfg.keep_hourly, cfg.keep_daily, cfg.keep_weekly,
+            cfg.keep_monthly, cfg.keep_yearly) == (0, 0, 7, 4, 6, 0)
+    assert cfg.verify_data is False and cfg.metrics_textfile is None
+    assert cfg.for_domain("example-vm") == config.DomainSettings(
+        repository="/var/lib/backupkit/repo", mode="auto", exclude_disks=("vdb",),
+        quiesce="try", workers=2, compression_level=1)
+    # The example documents the defaults: loading it changes nothing but its own
+    # domain table and the repository.
+    default = config.Config(path=path, repository="/var/lib/backupkit/repo",
+                            domains=cfg.domains)
+    assert cfg == default
 
 
 def test_domain_overrides(tmp_path: Path) -> None:

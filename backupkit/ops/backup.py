@@ -52,12 +52,13 @@ from backupkit.ops.copy import Progress, copy_disk
 from backupkit.repo import DiskRecord, Index, Manifest, Repository, chains
 from backupkit.repo.locks import hold
 from backupkit.virt import Connection, Domain
+from backupkit.virt import checkpoints as vcp
 from backupkit.virt import xml as vxml
 from backupkit.virt.access import QemuUser, blocking_dir, make_searchable
+from backupkit.virt.checkpoints import PREFIX, delete_checkpoint, owned
 
 log = logging.getLogger("backupkit.backup")
 
-PREFIX = "backupkit."
 DEFAULT_SCRATCH_MIN_FREE = 512 << 20
 WATCH_INTERVAL = 0.1  # seconds between two looks at the scratch filesystem
 SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path without its NUL)
@@ -213,25 +214,8 @@ def _sizes(dom: Domain, disks: list[vxml.Disk], running: bool) -> dict[str, int]
 
 
 def checkpoint_prefix(repo: Repository) -> str:
-    """``backupkit.<repository id, 8 hex digits>.``: whose checkpoint it is.
-
-    Two repositories backing up one domain each keep (and clean up) only their own
-    checkpoints.  A repository without an id (none was ever created without one)
-    falls back to the bare prefix.
-    """
-    rid = str(repo.config.get("id", ""))[:8]
-    return f"{PREFIX}{rid}." if re.fullmatch(r"[0-9a-f]{8}", rid) else PREFIX
-
-
-def owned(checkpoint: str, prefix: str) -> bool:
-    """Is this checkpoint (or bitmap) name one of this repository's?
-
-    Names from before repository ids (``backupkit.<backup id>``, no second dot) are
-    treated as the repository's that backs the domain up, as they always were.
-    """
-    if not checkpoint.startswith(PREFIX):
-        return False
-    return checkpoint.startswith(prefix) or "." not in checkpoint[len(PREFIX):]
+    """This repository's checkpoint name prefix (``virt.checkpoints.checkpoint_prefix``)."""
+    return vcp.checkpoint_prefix(str(repo.config.get("id", "")))
 
 
 def check_scratch_dir(path: str) -> str:
@@ -821,32 +805,6 @@ def domain_latest(repo: Repository, dom: Domain, host: str | None = None) -> Man
     another host's domain of the same name.  ``host`` (default config.this_host()) only
     matters for backups that record no UUID at all."""
     return repo.latest(dom.name, chains.of_domain(dom.uuid(), host or config.this_host()))
-
-
-def delete_checkpoint(dom: Domain, name: str, running: bool) -> None:
-    """Delete a checkpoint with its bitmap in every layer of every disk's chain."""
-    if running:
-        try:
-            dom.delete_checkpoint(name)
-        except Error:
-            # A QEMU killed with SIGKILL loses the bitmaps it created; libvirt still
-            # lists the checkpoint but refuses to delete it ("bitmap not found in
-            # backing chain").  With no bitmap left anywhere, drop the metadata.
-            if any(b.get("name") == name for bs in dom.block_bitmaps().values() for b in bs):
-                raise
-            log.warning("%s: checkpoint %s has no bitmap left; removing its metadata",
-                        dom.name, name)
-            dom.delete_checkpoint(name, metadata_only=True)
-        return
-    for d in dom.disks():
-        if not d.can_bitmap:
-            continue
-        # The real chain from the image itself: a shut-off domain's XML has no <backingStore>.
-        for layer in qemu.chain(d.path, fmt=d.format, force_share=False):
-            if layer.format == "qcow2" and layer.bitmap(name) is not None:
-                qemu.bitmap_remove(layer.filename, name, fmt=layer.format)
-    with contextlib.suppress(NotFound):
-        dom.delete_checkpoint(name, metadata_only=True)
 
 
 def summary(m: Manifest) -> dict[str, Any]:

@@ -2,43 +2,37 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from backupkit import bitmaps as bm
 from backupkit import qemu, virt
 from backupkit.errors import Error, NotFound
-from backupkit.ops.backup import delete_checkpoint, host_domain_lock
+from backupkit.ops.domainlock import domain_lock
 from backupkit.virt import Domain
+from backupkit.virt.blocks import live_chain
+from backupkit.virt.checkpoints import delete_checkpoint
 
 
 def _disk_chains(dom: Domain) -> dict[str, list[qemu.ImageInfo]]:
     """target -> the disk's chain with its bitmaps, active layer first.
 
-    Running: QEMU's bitmaps of each layer libvirt's XML names.  Shut off: the
-    chain from the images (the inactive XML has no <backingStore>), each
+    Running: QEMU's chain and bitmaps (``virt.blocks.live_chain``).  Shut off:
+    the chain from the images (the inactive XML has no <backingStore>), each
     opened with the format its metadata records; a chain that cannot be read
     is empty (every bitmap then shows as missing).
     """
     running = dom.is_active()
-    live = dom.block_bitmaps() if running else {}
     chains: dict[str, list[qemu.ImageInfo]] = {}
     for d in dom.disks():
-        if running:
-            chain = []
-            for path, fmt in [(d.path, d.format), *((b.path, b.format) for b in d.backing)]:
-                bitmaps = tuple(qemu.Bitmap(b["name"], int(b.get("granularity", 65536)),
-                                            bool(b.get("recording")),
-                                            bool(b.get("inconsistent", False)))
-                                for b in live.get(path, []))
-                chain.append(qemu.ImageInfo(path, fmt, 0, 0, bitmaps=bitmaps))
-            chains[d.target] = chain
-        elif d.can_bitmap:
-            try:
-                chains[d.target] = qemu.chain(d.path, fmt=d.format, force_share=True)
-            except Error:
-                chains[d.target] = []
+        if not d.can_bitmap:
+            continue
+        try:
+            chains[d.target] = ([lay.info for lay in live_chain(dom, d)] if running
+                                else qemu.chain(d.path, fmt=d.format, force_share=True))
+        except Error:
+            if running:
+                raise
+            chains[d.target] = []
     return chains
 
 
@@ -90,28 +84,10 @@ def list_checkpoints(uri: str, domain: str) -> dict[str, Any]:
         return {"domain": domain, "running": dom.is_active(), "checkpoints": out}
 
 
-@contextlib.contextmanager
-def _maybe_lock(repo_path: str | None, domain: str, wait: float) -> Iterator[None]:
-    # The host-wide lock first: a backup into any repository may be using a checkpoint.
-    with host_domain_lock(domain, wait=wait):
-        if repo_path is None:
-            yield
-            return
-        from backupkit.repo import Repository
-
-        try:
-            repo = Repository.open(repo_path)
-        except NotFound:
-            yield
-            return
-        with repo.lock_domain(domain, wait=wait):
-            yield
-
-
 def delete(uri: str, domain: str, name: str | None, *, repo_path: str | None = None,
            wait: float = 0.0) -> dict[str, Any]:
     """Delete one checkpoint (or all) with its bitmaps in every layer of the chain."""
-    with virt.connect(uri) as conn, _maybe_lock(repo_path, domain, wait):
+    with virt.connect(uri) as conn, domain_lock(repo_path, domain, wait):
         dom = conn.domain(domain)
         names = [c.name for c in dom.checkpoints()]
         if name is not None:

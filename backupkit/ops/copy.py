@@ -20,6 +20,7 @@ segments of a slot separated by small gaps are read in one request.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from backupkit.errors import OperationFailed
 from backupkit.nbd import Client, Extent
 from backupkit.repo import Index, Repository
 from backupkit.repo.index import Piece
+from backupkit.workers import run_threads
 
 Progress = Callable[[int], None]
 
@@ -123,7 +125,6 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
     gap = min(COALESCE_GAP, cs // 4)
     lock = threading.Lock()  # the slot iterator, the index and the counters
     stop = threading.Event()
-    errors: list[BaseException] = []
     stored_chunks = [0]
     reserved = [0]  # pieces promised to slots in flight (Index.can_add_pieces)
     slots = slot_segments(client.extents(), cs, dirty_only=incremental)
@@ -226,31 +227,19 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
         conn, conn_lock = conns[i % len(conns)]
         buf = bytearray(cs)  # reused for every chunk of this thread
         scratch = bytearray(repo.chunk_max)  # reading back a slot's chunks from the repository
-        try:
-            while not stop.is_set():
-                item = next_slot()
-                if item is None:
-                    return
-                copy_slot(conn, conn_lock, buf, scratch, *item)
-        except BaseException as e:
-            stop.set()
-            with lock:
-                errors.append(e)
+        while not stop.is_set():
+            item = next_slot()
+            if item is None:
+                return
+            copy_slot(conn, conn_lock, buf, scratch, *item)
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"copy-{i}", daemon=True)
-               for i in range(nthreads)]
     try:
         with repo.storage.bulk():
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_threads("copy", [functools.partial(work, i) for i in range(nthreads)],
+                        stop=stop)
     finally:
-        stop.set()
         for c in clients:
             c.close()
-    if errors:
-        raise errors[0]
     return result
 
 

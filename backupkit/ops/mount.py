@@ -19,7 +19,6 @@ directories it made, loop devices, the FUSE mount (nbdfuse exits), nbdkit.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 from backupkit import proc
@@ -270,36 +270,47 @@ def _mount(repo: Repository, repo_location: str, config_path: str | None, domain
             "server_pid": server.pid}
 
 
+def _umount(path: str) -> str | None:
+    if os.path.ismount(path):
+        try:
+            _run(["umount", path])
+        except CommandFailed as e:
+            return f"umount {path}: {e.fields.get('stderr') or e}"
+    return None
+
+
+def _rmdir(path: str) -> str | None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"rmdir {path}: {e}"
+    return None
+
+
+def _detach(dev: str) -> str | None:
+    try:
+        _run(["losetup", "--detach", dev])
+    except CommandFailed as e:
+        if "No such device" not in str(e.fields.get("stderr", "")):
+            return f"losetup -d {dev}: {e.fields.get('stderr') or e}"
+    return None
+
+
 def _undo(state: _State) -> list[str]:
     """Undo what state records, last step first; the errors (state kept if any)."""
     errors: list[str] = []
-    for path in reversed(list(state.doc["mounts"])):
-        if os.path.ismount(path):
-            try:
-                _run(["umount", path])
-            except CommandFailed as e:
-                errors.append(f"umount {path}: {e.fields.get('stderr') or e}")
+    undo: tuple[tuple[str, Callable[[str], str | None]], ...] = (
+        ("mounts", _umount), ("dirs", _rmdir), ("loops", _detach))
+    for key, step in undo:
+        for item in reversed(list(state.doc[key])):
+            error = step(item)
+            if error:
+                errors.append(error)
                 continue
-        state.doc["mounts"].remove(path)
-        state.save()
-    for path in reversed(list(state.doc["dirs"])):
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                os.rmdir(path)
-            except OSError as e:
-                errors.append(f"rmdir {path}: {e}")
-                continue
-        state.doc["dirs"].remove(path)
-        state.save()
-    for dev in reversed(list(state.doc["loops"])):
-        try:
-            _run(["losetup", "--detach", dev])
-        except CommandFailed as e:
-            if "No such device" not in str(e.fields.get("stderr", "")):
-                errors.append(f"losetup -d {dev}: {e.fields.get('stderr') or e}")
-                continue
-        state.doc["loops"].remove(dev)
-        state.save()
+            state.doc[key].remove(item)
+            state.save()
     if errors:
         return errors
     fuse = state.doc.get("fuse")

@@ -10,7 +10,8 @@ restic groups by host:
   the oldest, the newest backup of each hour/day/ISO week/month/year, for the
   N most recent periods that *have* a backup (periods without one are not
   counted, so a gap in backups never costs kept history);
-- ``within D``: every backup created less than D before now.
+- ``within D``: every backup created less than D before now (``--keep-within``,
+  the config's ``prune.keep_within``; ``config.parse_duration`` reads D).
 
 Rules are applied independently, as restic does (a backup can be kept by
 several rules: all are listed as its reasons; a rule counts a period even when

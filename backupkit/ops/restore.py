@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ from backupkit.qcow2 import Qcow2Writer
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.names import check_name
 from backupkit.repo.repository import chunk_key
+from backupkit.workers import run_threads
 
 log = logging.getLogger("backupkit.restore")
 
@@ -145,7 +147,6 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
     taken = threading.Condition(lock)
     ntaken = 0
     stop = threading.Event()
-    errors: list[BaseException] = []
     cs = repo.chunk_size
     zero = bytes(granularity)
     ahead = max(8, PREFETCH_BYTES // cs)  # slots
@@ -167,62 +168,45 @@ def _copy_chunks(repo: Repository, index: Index, writers: Sequence[_Writer],
         nonlocal ntaken
         buf = bytearray(repo.chunk_max)
         slot_buf: bytearray | None = None  # a pieced slot is put together here
-        try:
-            while not stop.is_set():
-                with lock:
-                    item = next(slots, None)
-                    ntaken += 1
-                    taken.notify()
-                if item is None:
-                    return
-                slot, digest, pieces = item
-                n = index.slot_length(slot)
-                if pieces:
-                    if slot_buf is None:
-                        slot_buf = bytearray(cs)
-                    view = memoryview(slot_buf)[:n]
-                    repo.read_slot(digest, pieces, view, buf)
-                else:
-                    assert digest is not None
-                    view = memoryview(repo.read_chunk(digest, buf))
-                    if view.nbytes != n:
-                        raise CorruptRepository(
-                            f"chunk {digest.hex()} holds {view.nbytes} bytes, slot {slot} "
-                            f"needs {n}", path=repo.path)
-                # Zero blocks inside a chunk stay holes in the output too.
-                for a, b in _data_runs(view, zero):
-                    writer.write(slot * cs + a, view[a:b])
-                if progress is not None:
-                    done = n if digest is not None else index.slot_data_bytes(slot)
-                    with lock:
-                        progress(done)
-        except BaseException as e:
-            stop.set()
+        while not stop.is_set():
             with lock:
-                errors.append(e)
+                item = next(slots, None)
+                ntaken += 1
+                taken.notify()
+            if item is None:
+                return
+            slot, digest, pieces = item
+            n = index.slot_length(slot)
+            if pieces:
+                if slot_buf is None:
+                    slot_buf = bytearray(cs)
+                view = memoryview(slot_buf)[:n]
+                repo.read_slot(digest, pieces, view, buf)
+            else:
+                assert digest is not None
+                view = memoryview(repo.read_chunk(digest, buf))
+                if view.nbytes != n:
+                    raise CorruptRepository(
+                        f"chunk {digest.hex()} holds {view.nbytes} bytes, slot {slot} "
+                        f"needs {n}", path=repo.path)
+            # Zero blocks inside a chunk stay holes in the output too.
+            for a, b in _data_runs(view, zero):
+                writer.write(slot * cs + a, view[a:b])
+            if progress is not None:
+                done = n if digest is not None else index.slot_data_bytes(slot)
+                with lock:
+                    progress(done)
 
-    threads = [threading.Thread(target=work, args=(w,), name=f"restore-{i}", daemon=True)
-               for i, w in enumerate(writers)]
-    if PREFETCH_BYTES:
-        threads.append(threading.Thread(target=prefetch, name="restore-prefetch", daemon=True))
-    started: list[threading.Thread] = []
+    def wake() -> None:
+        with taken:
+            taken.notify_all()
+
     with repo.storage.bulk():
-        try:
-            for t in threads:
-                t.start()
-                started.append(t)
-            for t in started[:len(writers)]:
-                t.join()
-        finally:
-            # Also on an interrupt: no worker may outlive the output file's descriptor,
-            # which the caller closes next (its number could be reused by another open).
-            stop.set()
-            with taken:
-                taken.notify_all()
-            for t in started:
-                t.join()
-    if errors:
-        raise errors[0]
+        # Also on an interrupt, run_threads waits for every worker: none may outlive
+        # the output file's descriptor, which the caller closes next (its number could
+        # be reused by another open).
+        run_threads("restore", [functools.partial(work, w) for w in writers], stop=stop,
+                    background=[prefetch] if PREFETCH_BYTES else [], wake=wake)
 
 
 def _restore_raw(repo: Repository, job: _Job, workers: int, progress: Progress | None) -> None:

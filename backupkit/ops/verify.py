@@ -34,6 +34,7 @@ from backupkit.errors import (
 )
 from backupkit.repo import Index, Manifest, Repository, chains
 from backupkit.repo.repository import ChunkMissing
+from backupkit.workers import run_threads
 
 log = logging.getLogger("backupkit.verify")
 
@@ -131,13 +132,8 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
         with lock:
             read_total += local
 
-    threads = [threading.Thread(target=work, name=f"verify-{i}", daemon=True)
-               for i in range(max(1, workers if data else 1))]
     with repo.storage.bulk():
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads("verify", [work] * max(1, workers if data else 1))
     return bad, damaged, read_total
 
 

@@ -1,4 +1,5 @@
-"""The backup repository (format v1, docs/format.md)."""
+"""The backup repository: its format (versions 1 to 3, ``repository.REPO_VERSION``) is in
+docs/format.md."""
 
 from backupkit.repo import chains
 from backupkit.repo.index import Index

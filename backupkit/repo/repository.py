@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import blake3
 import zstandard
 
+from backupkit.config import CHUNK_HASHES, CHUNK_SIZE_DEFAULT, CHUNK_SIZE_RANGE, chunk_size_ok
 from backupkit.errors import (
     CorruptRepository,
     Error,
@@ -55,15 +56,14 @@ ENCRYPTED_VERSION = 3
 # The chunk hashes a repository may use; both give 32-byte digests.  BLAKE3 is the
 # default for new repositories: 3.7-4.5x faster than sha256 (with SHA-NI) on one
 # core here, and hashing every byte is a large part of backup, restore and verify.
-HASHES: dict[str, Callable[[Buffer], Any]] = {"blake3": blake3.blake3,
-                                              "sha256": hashlib.sha256}
-DEFAULT_HASH = "blake3"
+_HASH_FUNCTIONS: dict[str, Callable[[Buffer], Any]] = {"blake3": blake3.blake3,
+                                                       "sha256": hashlib.sha256}
+HASHES = {name: _HASH_FUNCTIONS[name] for name in CHUNK_HASHES}
+DEFAULT_HASH = CHUNK_HASHES[0]
 CONFIG_KEY = "config.json"
 CONFIG_MAX = 64 * 1024
 MANIFEST_MAX = 16 * 1024 * 1024
 INDEX_MAX = 256 * 1024 * 1024
-MIN_CHUNK = 4096
-MAX_CHUNK = 64 * 1024 * 1024
 
 CODEC_NONE = 0
 CODEC_ZSTD = 1
@@ -139,7 +139,7 @@ class Repository:
     # -- creation ------------------------------------------------------------
 
     @classmethod
-    def init(cls, location: str | Storage, *, chunk_size: int = 1 << 20,
+    def init(cls, location: str | Storage, *, chunk_size: int = CHUNK_SIZE_DEFAULT,
              compression_level: int = 1, hash_name: str = DEFAULT_HASH,
              encryption: crypto.Passphrase | None = None,
              master_pubkey: tuple[str, bytes] | None = None) -> Repository:
@@ -171,9 +171,9 @@ class Repository:
         if hash_name not in HASHES:
             raise UsageError(f"unknown chunk hash {hash_name!r} "
                              f"(choose {' or '.join(sorted(HASHES))})")
-        if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-            raise UsageError(f"chunk size must be a power of two between {MIN_CHUNK} "
-                             f"and {MAX_CHUNK}, not {chunk_size}")
+        if not chunk_size_ok(chunk_size):
+            raise UsageError(f"chunk size must be a power of two, {CHUNK_SIZE_RANGE}, "
+                             f"not {chunk_size}")
         if not -7 <= compression_level <= 22 or compression_level == 0:
             # zstd reads 0 as "its default" (3): recording 0 would hide the level in use.
             raise UsageError(f"zstd compression level must be in -7..-1 or 1..22 "
@@ -863,8 +863,7 @@ def _parse_config(raw: bytes, path: str) -> dict[str, Any]:
             f"repository format version {version} is newer than this backupkit supports "
             f"({REPO_VERSION}); upgrade backupkit", path=path)
     cs = doc.get("chunk_size")
-    if not isinstance(cs, int) or isinstance(cs, bool) or cs & (cs - 1) \
-            or not MIN_CHUNK <= cs <= MAX_CHUNK:
+    if not isinstance(cs, int) or isinstance(cs, bool) or not chunk_size_ok(cs):
         raise CorruptRepository(f"config.json: bad chunk_size {cs!r}", path=path)
     level = doc.get("compression_level", 3)
     if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:

@@ -258,27 +258,50 @@ class Domain:
                 log.warning("%s: thaw failed (%s), retrying", self.name, e)
                 time.sleep(0.5 * (attempt + 1))
 
-    # --- monitor (read-only queries) ----------------------------------------
+    # --- monitor (QMP through libvirt) -------------------------------------
 
     def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """A QMP command through libvirt; its "return" value.
+
+        A QMP error reply (QEMU refusing the command) raises LibvirtError with
+        QEMU's text, like a libvirt failure.
+        """
         import libvirt_qemu
 
         cmd: dict[str, Any] = {"execute": command}
         if arguments:
             cmd["arguments"] = arguments
-        out = _call(f"QMP {command}", libvirt_qemu.qemuMonitorCommand, self._dom,
-                    json.dumps(cmd), 0, name=self.name)
-        return json.loads(out)["return"]
+        out = json.loads(_call(f"QMP {command}", libvirt_qemu.qemuMonitorCommand, self._dom,
+                               json.dumps(cmd), 0, name=self.name))
+        if "error" in out:
+            err = out["error"]
+            raise LibvirtError(f"QMP {command}", str(err.get("desc") or err))
+        return out.get("return")
+
+    def block_nodes(self) -> list[dict[str, Any]]:
+        """QEMU's named block nodes (query-named-block-nodes, flat): read-only."""
+        return list(self.qmp("query-named-block-nodes", {"flat": True}))
+
+    def node_write_offsets(self) -> dict[str, int]:
+        """node-name -> wr_highest_offset of every named node (query-blockstats): read-only."""
+        stats = self.qmp("query-blockstats", {"query-nodes": True})
+        return {s["node-name"]: int(s.get("stats", {}).get("wr_highest_offset", 0))
+                for s in stats if s.get("node-name")}
+
+    def remove_bitmap_qmp(self, node: str, name: str) -> None:
+        """block-dirty-bitmap-remove on one node (QEMU refuses it on a read-only node)."""
+        self.qmp("block-dirty-bitmap-remove", {"node": node, "name": name})
 
     def block_bitmaps(self) -> dict[str, list[dict[str, Any]]]:
         """Bitmaps per image file of a running domain, as QEMU holds them in memory.
 
         Maps the image filename of each block node to its dirty bitmaps
-        (name, recording, busy, persistent, inconsistent, count, granularity).
+        (name, recording, busy, persistent, inconsistent, count, granularity),
+        QEMU's own records.  The chain of one disk with its persistent bitmaps
+        as image infos: :func:`backupkit.virt.blocks.live_chain`.
         """
-        nodes = self.qmp("query-named-block-nodes", {"flat": True})
         result: dict[str, list[dict[str, Any]]] = {}
-        for node in nodes:
+        for node in self.block_nodes():
             if node.get("drv") in ("file", "host_device", "raw"):
                 continue
             result.setdefault(node.get("file", ""), []).extend(node.get("dirty-bitmaps", []))

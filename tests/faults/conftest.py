@@ -238,3 +238,18 @@ def bk(tmp_path: Path) -> Bk:
 
 
 MakeDomain = Callable[..., rig.TestDomain]
+
+
+def paused_second_backup(make_domain: MakeDomain, bk: Bk, tmp_path: Path, *, length: int,
+                         seed: int, tag: str
+                         ) -> tuple[rig.TestDomain, dict[str, Path], subprocess.Popen[str]]:
+    """A 32 MiB domain backed up once; then ``length`` random bytes written at 4 MiB
+    (``seed``), the disks' references after them (ref-TAG-DISK), and a second backup
+    stopped before its first chunk: (domain, references, that backup's process)."""
+    td = make_domain([("qcow2", 32 * MiB)])
+    td.write("vda", 0, 1 * MiB, 0x11)
+    bk.backup(td)
+    write_random(td, "vda", 4 * MiB, length, seed, tmp_path)
+    before = {d.target: d.snapshot_reference(tmp_path / f"ref-{tag}-{d.target}")
+              for d in td.disks}
+    return td, before, bk.stopped_at("before_first_chunk", "backup", td.name)

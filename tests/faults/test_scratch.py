@@ -18,7 +18,7 @@ from backupkit.errors import NoSpace
 from backupkit.ops import backup as op
 from backupkit.repo import Repository
 from tests import rig
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tmpfs
 from tests.faults.conftest import MakeDomain, MiB, guest_flush, one_line_error
 
 pytestmark = pytest.mark.libvirt
@@ -27,16 +27,8 @@ pytestmark = pytest.mark.libvirt
 @pytest.fixture
 def small_scratch(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs as scratch_dir (mode 0711, as the units make it)."""
-    mnt = tmp_path / "scratch"
-    mnt.mkdir()
-    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0711", "tmpfs", str(mnt)],
-                        capture_output=True, text=True, check=False)
-    if cp.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (the fault tests run as root): {cp.stderr}")
-    try:
+    with tmpfs(tmp_path / "scratch", "size=24m,mode=0711") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def assert_guest_writes_landed(td: rig.TestDomain) -> None:

@@ -18,7 +18,15 @@ import pytest
 from backupkit import virt
 from tests import rig
 from tests.conftest import run_cli
-from tests.faults.conftest import CHUNK, Bk, MakeDomain, MiB, one_line_error, write_random
+from tests.faults.conftest import (
+    CHUNK,
+    Bk,
+    MakeDomain,
+    MiB,
+    one_line_error,
+    paused_second_backup,
+    write_random,
+)
 
 pytestmark = pytest.mark.libvirt
 
@@ -71,12 +79,8 @@ def test_two_repositories_keep_their_own_checkpoints(make_domain: MakeDomain, bk
 
 def test_concurrent_run_on_another_repository_is_busy(make_domain: MakeDomain, bk: Bk,
                                                       bk2: Bk, tmp_path: Path) -> None:
-    td = make_domain([("qcow2", 32 * MiB)])
-    td.write("vda", 0, 1 * MiB, 0x11)
-    bk.backup(td)
-    write_random(td, "vda", 4 * MiB, 256 * 1024, 22, tmp_path)
-    before = {d.target: d.snapshot_reference(tmp_path / f"ref-c-{d.target}") for d in td.disks}
-    p = bk.stopped_at("before_first_chunk", "backup", td.name)
+    td, before, p = paused_second_backup(make_domain, bk, tmp_path, length=256 * 1024,
+                                         seed=22, tag="c")
     try:
         cp = bk2.run("backup", td.name)
         assert cp.returncode == 3, cp.stderr

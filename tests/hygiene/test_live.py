@@ -28,16 +28,6 @@ from tests.hygiene.helpers import GiB, MiB, add, bitmaps, create
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
 
-@pytest.fixture
-def repo(repo_path: Path) -> Repository:
-    return Repository.init(str(repo_path), chunk_size=256 * 1024)
-
-
-@pytest.fixture
-def conn(libvirt_conn: Any) -> virt.Connection:
-    return virt.connect(rig.URI)
-
-
 def do_backup(repo: Repository, conn: virt.Connection, td: rig.TestDomain,
               scratch: Path) -> dict[str, Any]:
     return backup_op.backup(repo, conn, backup_op.Request(domain=td.name,
@@ -211,9 +201,9 @@ def test_check_fix_on_domain(
     dom.raw.checkpointCreateXML(
         "<domaincheckpoint><name>other</name><disks>"
         "<disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>", 0)
-    node = next(n["node-name"] for n in hygiene.block_nodes(dom)
+    node = next(n["node-name"] for n in dom.block_nodes()
                 if n["drv"] == "qcow2" and n["file"] == active)
-    hygiene.remove_bitmap_qmp(dom, node, "other")
+    dom.remove_bitmap_qmp(node, "other")
 
     with pytest.raises(BitmapLost) as e:
         hygiene.check(domain=td.name, connect=rig.URI, repo=str(repo_path))

@@ -160,9 +160,9 @@ def test_checkpoint_list_says_missing_when_removed_behind_libvirts_back(
     from backupkit import virt
 
     vdom = virt.connect(rig.URI).domain(td.name)
-    node = next(n["node-name"] for n in hygiene.block_nodes(vdom)
+    node = next(n["node-name"] for n in vdom.block_nodes()
                 if n["drv"] == "qcow2" and n["file"] == top)
-    hygiene.remove_bitmap_qmp(vdom, node, "cp")
+    vdom.remove_bitmap_qmp(node, "cp")
     st = state()
     assert not st["exists"] and not st["usable"] and st["layers"] == [base], st
     dom.destroy()
@@ -258,10 +258,10 @@ def test_live_post_merge_killed_between_deletions_then_rerun(
         make_checkpoint(td, name)
     blockcommit(td, base)
     vdom = virt.connect(rig.URI).domain(td.name)
-    node = next(n["node-name"] for n in hygiene.block_nodes(vdom)
+    node = next(n["node-name"] for n in vdom.block_nodes()
                 if n["drv"] == "qcow2" and n["file"] == base)
     for name in ("a", "b"):
-        hygiene.remove_bitmap_qmp(vdom, node, name)
+        vdom.remove_bitmap_qmp(node, name)
     args = ("post-merge", "--top", top, "--base", base, "--domain", td.name, "--disk", "vda")
     cp = hook(*args, env={"BACKUPKIT_FAULT_POINT": "hygiene_step_2"})
     assert cp.returncode == -signal.SIGKILL, cp.stderr

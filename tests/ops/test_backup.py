@@ -24,16 +24,6 @@ pytestmark = pytest.mark.libvirt
 MiB = rig.MiB
 
 
-@pytest.fixture
-def repo(repo_path: Path) -> Repository:
-    return Repository.init(str(repo_path), chunk_size=256 * 1024)
-
-
-@pytest.fixture
-def conn(libvirt_conn: Any) -> virt.Connection:
-    return virt.connect(rig.URI)
-
-
 def do_backup(repo: Repository, conn: virt.Connection, td: rig.TestDomain, scratch: Path,
               hooks: op.Hooks | None = None, **kw: Any) -> dict[str, Any]:
     return op.backup(repo, conn, op.Request(domain=td.name, scratch_dir=str(scratch), **kw),
@@ -206,7 +196,7 @@ def test_same_domain_concurrency_exits_3(
 
 def test_cli_backup_json_and_unknown_domain(
         make_domain: Callable[..., rig.TestDomain], repo: Repository, repo_path: Path,
-        tmp_path: Path) -> None:
+        conn: virt.Connection, tmp_path: Path) -> None:
     td = make_domain([("qcow2", 16 * MiB)])
     cfg = tmp_path / "bk.toml"
     cfg.write_text(f'scratch_dir = "{tmp_path / "s"}"\n')
@@ -215,11 +205,21 @@ def test_cli_backup_json_and_unknown_domain(
     import json
 
     doc = json.loads(cp.stdout)
-    for key in ("domain", "id", "mode", "reason", "checkpoint", "parent_checkpoint",
-                "freeze_seconds", "duration_seconds", "disks"):
-        assert key in doc
-    for key in ("name", "virtual_size", "read_bytes", "stored_bytes"):
-        assert key in doc["disks"][0]
+    # The values, not only the keys: what the repository recorded, and what they must be.
+    assert doc == op.summary(repo.get_manifest(td.name, doc["id"]))
+    assert (doc["domain"], doc["mode"], doc["reason"]) == (
+        td.name, "full", "no previous backup in the repository")
+    assert doc["checkpoint"] == op.checkpoint_prefix(repo) + doc["id"]
+    assert [c.name for c in conn.domain(td.name).checkpoints()] == [doc["checkpoint"]]
+    assert (doc["parent_checkpoint"], doc["parent_id"]) == (None, None)
+    assert (doc["quiesced"], doc["freeze_seconds"]) == (False, None)
+    assert doc["duration_seconds"] > 0
+    [disk] = doc["disks"]
+    assert (disk["name"], disk["format"], disk["virtual_size"]) == ("vda", "qcow2", 16 * MiB)
+    assert (disk["mode"], disk["reason"]) == ("full", doc["reason"])
+    assert 0 <= disk["read_bytes"] <= 16 * MiB
+    assert (doc["read_bytes"], doc["stored_bytes"]) == (disk["read_bytes"],
+                                                        disk["stored_bytes"])
     cp = run_cli("--config", str(cfg), "--repo", str(repo_path), "backup", "no-such-vm")
     assert cp.returncode == 4
     assert cp.stderr.strip().endswith("domain not found: no-such-vm")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -34,11 +33,7 @@ def new_names(libvirt_conn: Any) -> Iterator[list[str]]:
     yield names
     for n in names:
         live.abort(n, remove_files=False)
-        with contextlib.suppress(libvirt.libvirtError):
-            dom = libvirt_conn.lookupByName(n)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+        rig.remove_domain(libvirt_conn, n)
 
 
 def _backed_up(make_domain: Callable[..., rig.TestDomain], tmp_path: Path, repo_path: Path
@@ -109,18 +104,30 @@ def test_live_restore_runs_at_once_then_is_independent(
                    "--live").returncode == errors.EXIT_USAGE  # --live needs --define
 
 
-def test_export_dying_mid_way_is_resumed_by_running_again(
-        make_domain: Callable[..., rig.TestDomain], libvirt_conn: Any, repo_path: Path,
-        tmp_path: Path, new_names: list[str]) -> None:
+def _live_detached(make_domain: Callable[..., rig.TestDomain], tmp_path: Path,
+                   repo_path: Path, new_names: list[str], bandwidth: int
+                   ) -> tuple[rig.TestDomain, list[str], dict[str, Path], str, Path,
+                              dict[str, Any]]:
+    """A backed-up domain restored live (detached, pulling at ``bandwidth`` bytes/s) as
+    DOMAIN-live into tmp_path/live: (td, CLI base args, refs, new name, target, result)."""
     td, base, refs = _backed_up(make_domain, tmp_path, repo_path)
     new = f"{td.name}-live"
     new_names.append(new)
     target = tmp_path / "live"
     repo = Repository.open(str(repo_path))
-    # 4 MiB/s: the 64 MiB take seconds, time to kill the export mid-way
     doc = live.live_restore(repo, str(repo_path), None, td.name, "latest", str(target), new,
-                            connect=rig.URI, detach=True, bandwidth=4 << 20)
-    assert doc["state"] == "copying" and doc["domain_state"] == "running"
+                            connect=rig.URI, detach=True, bandwidth=bandwidth)
+    assert doc["state"] == "copying"
+    return td, base, refs, new, target, doc
+
+
+def test_export_dying_mid_way_is_resumed_by_running_again(
+        make_domain: Callable[..., rig.TestDomain], libvirt_conn: Any, repo_path: Path,
+        tmp_path: Path, new_names: list[str]) -> None:
+    # 4 MiB/s: the 64 MiB take seconds, time to kill the export mid-way
+    td, base, refs, new, target, doc = _live_detached(make_domain, tmp_path, repo_path,
+                                                      new_names, 4 << 20)
+    assert doc["domain_state"] == "running"
     # a read the export cannot serve pauses the guest instead of failing its I/O
     drivers = ET.fromstring(libvirt_conn.lookupByName(new).XMLDesc(0)).findall(
         "./devices/disk/driver")
@@ -150,14 +157,8 @@ def test_export_dying_mid_way_is_resumed_by_running_again(
 def test_abort_removes_domain_server_and_overlays(
         make_domain: Callable[..., rig.TestDomain], libvirt_conn: Any, repo_path: Path,
         tmp_path: Path, new_names: list[str]) -> None:
-    td, base, _refs = _backed_up(make_domain, tmp_path, repo_path)
-    new = f"{td.name}-live"
-    new_names.append(new)
-    target = tmp_path / "live"
-    repo = Repository.open(str(repo_path))
-    doc = live.live_restore(repo, str(repo_path), None, td.name, "latest", str(target), new,
-                            connect=rig.URI, detach=True, bandwidth=1 << 20)
-    assert doc["state"] == "copying"
+    _td, base, _refs, new, target, doc = _live_detached(make_domain, tmp_path, repo_path,
+                                                        new_names, 1 << 20)
     cp = run_cli(*base, "restore-status", new, "--abort")
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout)["state"] == "aborted"

@@ -150,3 +150,61 @@ def test_prune_repository(tmp_path: Path) -> None:
     assert e.value.exit_code == 6
     assert [s["domain"] for s in e.value.result["skipped"]] == ["vm2"]  # type: ignore[attr-defined]
     assert [m.id for m in repo.list_backups("vm1")] == [ids[10]]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("7d", timedelta(days=7)), ("12h", timedelta(hours=12)), ("2w", timedelta(weeks=2)),
+    ("1m", timedelta(days=31)), ("1y", timedelta(days=365)),
+    ("1y6m", timedelta(days=365 + 6 * 31)), ("0d", None), ("", None), ("7", None),
+    ("d", None), ("7x", None), ("-1d", None), ("7d ", None), ("1.5d", None)])
+def test_keep_within_durations(text: str, expected: timedelta | None) -> None:
+    from backupkit import config
+
+    assert config.parse_duration(text) == expected
+
+
+def test_keep_within_from_the_command_line_and_the_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--keep-within DURATION keeps every backup newer than DURATION (borg, restic); the
+    config's prune.keep_within does the same when no --keep-* option is given."""
+    import json
+
+    from backupkit import cli
+
+    repo = Repository.init(str(tmp_path / "repo"), chunk_size=CHUNK)
+    img = write_image(tmp_path / "a.raw", MiB)
+    now = datetime.now(UTC)
+    ages = {"1h": timedelta(hours=1), "2d": timedelta(days=2), "4d": timedelta(days=4),
+            "10d": timedelta(days=10), "40d": timedelta(days=40)}
+    ids = {name: make_backup(repo, "vm1", {"vda": img}, now=now - age).id
+           for name, age in sorted(ages.items(), key=lambda kv: -kv[1])}
+    cfg = tmp_path / "backupkit.toml"
+    cfg.write_text("[prune]\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n"
+                   'keep_within = "5d"\n')
+    monkeypatch.setenv("BACKUPKIT_CONFIG", str(cfg))
+    monkeypatch.delenv("BACKUPKIT_REPO", raising=False)
+
+    def prune_cli(*argv: str) -> dict[str, str]:
+        code = cli.main(["--json", "--repo", repo.path, "prune", "vm1", *argv])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == 0, doc
+        return {d["id"]: d["action"] for d in doc["decisions"]}
+
+    # The command line wins over the config: 3 days keeps 1h and 2d.
+    actions = prune_cli("--keep-within", "3d", "--dry-run")
+    assert actions == {ids["1h"]: "keep", ids["2d"]: "keep", ids["4d"]: "remove",
+                       ids["10d"]: "remove", ids["40d"]: "remove"}
+    # The config's keep_within (5d) when no --keep-* option is given.
+    assert prune_cli() == {ids["1h"]: "keep", ids["2d"]: "keep", ids["4d"]: "keep",
+                           ids["10d"]: "remove", ids["40d"]: "remove"}
+    assert {m.id for m in repo.list_backups("vm1")} == {ids["1h"], ids["2d"], ids["4d"]}
+
+    # A bad duration is a usage error (exit 2), on the command line and in the config.
+    assert cli.main(["--json", "--repo", repo.path, "prune", "--keep-within", "7x"]) == 2
+    out = capsys.readouterr()
+    assert "invalid duration '7x'" in out.err
+    cfg.write_text('[prune]\nkeep_within = "soon"\n')
+    assert cli.main(["--json", "--repo", repo.path, "prune"]) == 2
+    doc = json.loads(capsys.readouterr().out)["error"]
+    assert doc["kind"] == "config" and "prune.keep_within" in doc["message"]

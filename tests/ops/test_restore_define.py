@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
 from tests import rig
@@ -55,8 +53,4 @@ def test_restore_define_starts(make_domain: Callable[..., rig.TestDomain], libvi
         assert "already exists" in cp.stderr
         assert not (tmp_path / "again" / "vda.qcow2").exists()
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            dom = libvirt_conn.lookupByName(new)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+        rig.remove_domain(libvirt_conn, new)

@@ -4,7 +4,6 @@ them (issue 24)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
 from tests import rig
@@ -63,8 +61,4 @@ def test_restore_define_reachable_by_qemu_user(make_domain: Callable[..., rig.Te
         dom.create()
         assert dom.isActive()
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            dom = libvirt_conn.lookupByName(new)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+        rig.remove_domain(libvirt_conn, new)

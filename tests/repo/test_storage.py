@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 from backupkit import errors
 from backupkit.repo import storage as storage_mod
 from backupkit.repo.storage import LocalStorage
+from tests.conftest import IN_CI
 
 
 def _store(tmp_path: Path) -> LocalStorage:
@@ -210,10 +214,11 @@ def test_listing_inside_bulk_does_not_share_a_cached_directory(tmp_path: Path) -
         assert st.get(keys[2], 10) == b"x"
 
 
-@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 65536, 1024 * 1024 + 1])
-def test_get_into_an_aligned_buffer_reads_past_the_cache(tmp_path: Path, size: int,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    st = LocalStorage(str(tmp_path))
+def _stored_and_spied(where: Path, size: int, monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[LocalStorage, bytes, list[int]]:
+    """A storage at ``where`` holding chunks/ab/k (``size`` random bytes), and the flags
+    of every os.open from now on."""
+    st = LocalStorage(str(where))
     data = os.urandom(size)
     st.replace("chunks/ab/k", data)
     flags: list[int] = []
@@ -224,6 +229,13 @@ def test_get_into_an_aligned_buffer_reads_past_the_cache(tmp_path: Path, size: i
         return real_open(path, flag, *args, **kw)
 
     monkeypatch.setattr(os, "open", spy)
+    return st, data, flags
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 65536, 1024 * 1024 + 1])
+def test_get_into_an_aligned_buffer_reads_past_the_cache(tmp_path: Path, size: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    st, data, flags = _stored_and_spied(tmp_path, size, monkeypatch)
     buf = storage_mod.aligned_buffer(1024 * 1024 + 1)
     assert len(buf) == 1024 * 1024 + 4096
     assert bytes(st.get_into("chunks/ab/k", buf)) == data
@@ -247,6 +259,42 @@ def _supports_o_direct(path: Path) -> bool:
         return False
     finally:
         probe.unlink()
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh directory on a filesystem that takes O_DIRECT: tmp_path, else beside the
+    checkout or /var/tmp (tmp_path is often a tmpfs, which refuses it).  None of them:
+    skipped, a failure under CI=true (the direct branch would go untested)."""
+    candidates = [tmp_path, Path(__file__).resolve().parents[2], Path("/var/tmp")]
+    for base in candidates:
+        if not os.access(base, os.W_OK):
+            continue
+        d = Path(tempfile.mkdtemp(prefix="backupkit-odirect-", dir=base))
+        if _supports_o_direct(d):
+            try:
+                yield d
+            finally:
+                shutil.rmtree(d)
+            return
+        shutil.rmtree(d)
+    where = ", ".join(str(c) for c in candidates)
+    if IN_CI:
+        pytest.fail(f"no filesystem taking O_DIRECT among {where}")
+    pytest.skip(f"no filesystem taking O_DIRECT among {where}")
+
+
+@pytest.mark.parametrize("size", [1, 4096, 65536, 1024 * 1024 + 1])
+def test_direct_reads_on_a_filesystem_that_takes_them(direct_dir: Path, size: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The O_DIRECT branch itself, wherever tmp_path may be: reads bypass the cache."""
+    st, data, flags = _stored_and_spied(direct_dir, size, monkeypatch)
+    buf = storage_mod.aligned_buffer(1024 * 1024 + 1)
+    assert bytes(st.get_into("chunks/ab/k", buf)) == data
+    assert st.direct_reads
+    assert flags and flags[-1] & os.O_DIRECT
+    assert bytes(st.get_into("chunks/ab/k", buf)) == data  # and again: no fallback
+    assert st.direct_reads and flags[-1] & os.O_DIRECT
 
 
 def test_direct_read_checks_like_a_buffered_one(tmp_path: Path) -> None:
