@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -72,4 +71,3 @@ def s3_location(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         for i in range(0, len(keys), 1000):  # one request per 1,000 keys
             client.delete_objects(Bucket=env["BACKUPKIT_TEST_S3_BUCKET"], Delete={
                 "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
-        shutil.rmtree(st.lock_root, ignore_errors=True)

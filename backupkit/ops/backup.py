@@ -50,7 +50,7 @@ from backupkit.errors import (
 from backupkit.nbd import Client, QemuNbd
 from backupkit.ops.copy import Progress, copy_disk
 from backupkit.repo import DiskRecord, Index, Manifest, Repository
-from backupkit.repo.locks import hold
+from backupkit.repo.flock import hold
 from backupkit.virt import Connection, Domain
 from backupkit.virt import xml as vxml
 from backupkit.virt.access import QemuUser, blocking_dir, make_searchable
