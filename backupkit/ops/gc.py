@@ -24,7 +24,6 @@ does steps 1-4 and reports.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import re
 import time
@@ -132,13 +131,10 @@ def _mark_one(repo: Repository, m: Manifest, referenced: DigestSet) -> None:
 
 
 def _started(f: locks.Found) -> float:
-    """When a writer started: the earlier of its own clock's word and the store's."""
-    t = f.created
-    started = f.body.get("started")
-    if isinstance(started, str):
-        with contextlib.suppress(ValueError):
-            t = min(t, datetime.strptime(started, "%Y-%m-%dT%H:%M:%S%z").timestamp())
-    return t
+    """When a writer started, by the store's clock (the clock of the chunks' mtimes):
+    its lock's creation.  ("started" in the lock is the writer's own clock, and whole
+    seconds: for people.)"""
+    return f.created
 
 
 def _wait_for_commits(repo: Repository, lock: locks.Lock) -> int:
