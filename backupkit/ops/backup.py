@@ -862,8 +862,9 @@ def backup(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
            ) -> dict[str, Any]:
     """Back up one domain; raises on failure (nothing half-committed is visible).
 
-    Holds the shared repository lock (so gc cannot delete a chunk this backup is
-    about to reference) and the domain's lock (one backup per domain at a time).
+    Holds the repository's writer lock (gc's protocol then keeps every chunk this
+    backup references: docs/format.md, "Locks and gc") and the domain's lock (one
+    backup per domain at a time, on any host).
     """
     with repo.lock_shared(wait=req.lock_wait):
         return _backup_locked(repo, conn, req, hooks)
@@ -872,8 +873,10 @@ def backup(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
 def _backup_locked(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
                    ) -> dict[str, Any]:
     check_scratch_dir(req.scratch_dir)
-    with host_domain_lock(req.domain, wait=req.lock_wait), \
-            repo.lock_domain(req.domain, wait=req.lock_wait):
+    # The repository's domain lock first: a backup of this domain on another host holds
+    # it, and Busy then names that host (the host-wide lock sees only this host).
+    with repo.lock_domain(req.domain, wait=req.lock_wait), \
+            host_domain_lock(req.domain, wait=req.lock_wait):
         return _Backup(repo, conn, req, hooks or Hooks()).run()
 
 
@@ -883,8 +886,7 @@ def backup_many(repo: Repository, conn: Connection, domains: Sequence[str],
                 | None = None) -> dict[str, Any]:
     """Back up several domains in order; one failure does not stop the others.
 
-    The shared repository lock is held for the whole run: a gc waiting for it
-    cannot slip in between two domains and make the rest of the night busy.
+    The writer lock is held for the whole run (gc runs beside it).
     """
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []

@@ -24,6 +24,7 @@ does steps 1-4 and reports.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import re
 import time
@@ -160,11 +161,15 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
     started = time.monotonic()
     storage = repo.storage
     settings = repo.lock_settings
-    with repo.lock_gc(wait) as lock:
+    # A dry run changes nothing: like a reader, it takes no lock (so it works on a
+    # read-only repository too) and reads the clock of this host.
+    with (contextlib.nullcontext(None) if dry_run else repo.lock_gc(wait)) as lock:
         # 2. The cutoff.
-        t0 = lock.store_now()
-        writers = [f for f in locks.live_locks(storage, t0, settings, keep=lock.key)
-                   if f.kind == "writer"]
+        t0 = lock.store_now() if lock is not None else time.time()
+        writers = [f for f in locks.read_locks(storage) if f.kind == "writer"
+                   and locks.stale_reason(f, t0, settings) is None] if lock is None else \
+            [f for f in locks.live_locks(storage, t0, settings, keep=lock.key)
+             if f.kind == "writer"]
         cutoff = min([t0, *(_started(f) for f in writers)]) - settings.gc_grace
 
         # 3. Mark.
@@ -208,7 +213,7 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
 
         rescued = waited = 0
         epoch = None
-        if not dry_run:
+        if lock is not None:
             # 5. Tell writers a sweep begins: who read the old epoch checks its chunks.
             old = fleet.read_epoch_or_reset(storage)
             epoch = old.epoch + 1
@@ -241,8 +246,7 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
                 # 9. The sweep is over (or abandoned: nothing more is deleted either way).
                 fleet.write_epoch(storage, fleet.Epoch(epoch, False))
         else:
-            result = _sweep(repo, lock, cand, cand_sizes, orphan_dirs, referenced, cutoff,
-                            dry_run=True)
+            result = _sweep(repo, None, cand, cand_sizes, orphan_dirs, referenced, cutoff)
 
     return {
         "dry_run": dry_run,
@@ -260,17 +264,19 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
     }
 
 
-def _sweep(repo: Repository, lock: locks.Lock, cand: bytearray, cand_sizes: array[int],
-           orphan_dirs: dict[tuple[str, str], list[tuple[str, int]]],
-           referenced: DigestSet, cutoff: float, *, dry_run: bool = False) -> dict[str, Any]:
+def _sweep(repo: Repository, lock: locks.Lock | None, cand: bytearray,
+           cand_sizes: array[int], orphan_dirs: dict[tuple[str, str], list[tuple[str, int]]],
+           referenced: DigestSet, cutoff: float) -> dict[str, Any]:
+    """Step 8 (lock None: a dry run, which only counts)."""
     storage = repo.storage
+    dry_run = lock is None
     chunk_count = chunk_bytes = 0
     n = len(cand_sizes)
     for start in range(0, n, BATCH):
         end = min(n, start + BATCH)
         keys = [f"chunks/{cand[32 * i:32 * i + 1].hex()}/{cand[32 * i:32 * i + 32].hex()}"
                 for i in range(start, end)]
-        if not dry_run:
+        if lock is not None:
             _still_ours(lock)
             storage.delete_many(keys)
             if start == 0:
@@ -295,7 +301,7 @@ def _sweep(repo: Repository, lock: locks.Lock, cand: bytearray, cand_sizes: arra
 
     dir_bytes = 0
     for (d, bid), files in sorted(orphan_dirs.items()):
-        if dry_run:
+        if lock is None:
             dir_bytes += sum(size for _k, size in files)
         else:
             _still_ours(lock)
