@@ -52,8 +52,13 @@ class Fleet:
         assert cp.returncode == 0, f"{args}: exit {cp.returncode}: {cp.stderr}"
         return json.loads(cp.stdout)
 
+    def ref(self, td: rig.TestDomain) -> Path:
+        """A copy of the disk as it is now, under a name never used before."""
+        n = len(list(self.tmp.glob("ref-*")))
+        return td.disks[0].snapshot_reference(self.tmp / f"ref-{n}")
+
     def backup(self, td: rig.TestDomain, env: dict[str, str] | None = None) -> str:
-        ref = td.disks[0].snapshot_reference(self.tmp / f"ref-{len(self.refs)}")
+        ref = self.ref(td)
         bid: str = self.json("backup", td.name, env=env)["id"]
         self.refs[bid] = (td.name, ref)
         return bid
@@ -182,7 +187,7 @@ def test_gc_between_start_and_commit_of_a_backup(fleet: Fleet, make_domain: Make
     else:
         assert rc == 0, err
         bid = json.loads(out)["id"]
-        fleet.refs[bid] = (b.name, b.disks[0].snapshot_reference(fleet.tmp / "ref-b"))
+        fleet.refs[bid] = (b.name, fleet.ref(b))
     fleet.all_sound()
     fleet.json("gc")
     assert fleet.lock_objects() == []
@@ -262,8 +267,7 @@ def test_two_hosts_same_domain_busy_other_domains_beside_gc(fleet: Fleet,
     finally:
         rc, out, err = fleet.resume(pa)
     assert rc == 0, err
-    fleet.refs[json.loads(out)["id"]] = (a.name, a.disks[0].snapshot_reference(
-        fleet.tmp / "ref-a"))
+    fleet.refs[json.loads(out)["id"]] = (a.name, fleet.ref(a))
     fleet.json("gc")
     fleet.all_sound()
 
@@ -290,14 +294,16 @@ def test_killed_writer_does_not_wedge_the_repository(fleet: Fleet, make_domain: 
 def test_kill_9_mid_gc(fleet: Fleet, make_domain: MakeDomain, point: str) -> None:
     gen = twins(make_domain)
     a, b = next(gen), next(gen)
+    a.write("vda", 4 * MiB, MiB, 0x5A)  # a chunk only A's first backup has
     a_id = fleet.backup(a)
     b.write("vda", 4 * MiB, MiB, 0x44)
     fleet.backup(b)
-    a.write("vda", 6 * MiB, MiB, 0x55)
+    a.write("vda", 4 * MiB, MiB, 0x55)
     fleet.backup(a)
     fleet.json("delete", a.name, a_id)  # its chunks that others lack are garbage now
     del fleet.refs[a_id]
     fleet.tick()
+    assert fleet.json("gc", "--dry-run")["chunks_removed"] == 1
     fleet.killed_at(point, "gc")
     fleet.all_sound()  # nothing committed is lost
     # Writers go on: one left "sweeping" with no live gc makes them check their chunks.
