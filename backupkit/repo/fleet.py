@@ -137,10 +137,10 @@ def commit(reg: Registration | None, put: Callable[[], None],
     storage = writer.storage
     while True:
         if clean:
+            writer.check()  # removed as stale meanwhile? (then gc may not have seen us)
             with writer.committing_state():
                 now = read_epoch(storage)
                 faults.point("commit_after_epoch")
-                writer.refresh()  # and find out whether it was removed meanwhile
                 if now.epoch == epoch and writer.lost == reg.writer_lost and (
                         not now.sweeping or reg.clean):
                     put()

@@ -24,6 +24,7 @@ The old flock(2) files of local repositories (``locks/repository.lock``,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,19 +34,36 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from backupkit.errors import Busy, NotFound, OperationFailed, RepositoryError, UsageError
-from backupkit.repo.storage import Storage
+from backupkit.repo.storage import ObjectInfo, Storage
 
 log = logging.getLogger("backupkit.locks")
 
 LOCK_PREFIX = "locks/"
 KINDS = ("writer", "domain", "gc", "exclusive")
-_NAME = re.compile(r"(writer|domain|gc|exclusive)-[0-9a-f]{16}\.json")
+# kind-[tag-]random.json; a domain lock's tag is the first 8 hex digits of the SHA-256
+# of its domain name, so a process taking a lock reads only the bodies of the locks
+# that may conflict with it (one request each), never all of them.
+_NAME = re.compile(r"(writer|domain|gc|exclusive)-(?:([0-9a-f]{8})-)?[0-9a-f]{16}\.json")
+
+
+def _tag(domain: str | None) -> str | None:
+    return hashlib.sha256(domain.encode()).hexdigest()[:8] if domain is not None else None
+
+
+def _may_conflict(kind: str, tag: str | None, other_kind: str, other_tag: str | None) -> bool:
+    """conflicts() as far as the names tell (a tag is None when the name has none)."""
+    if "exclusive" in (kind, other_kind):
+        return True
+    if kind == other_kind == "gc":
+        return True
+    return kind == other_kind == "domain" and (tag is None or other_tag is None
+                                               or tag == other_tag)
 LOCK_MAX = 64 * 1024
 POLL_INTERVAL = 0.2  # seconds between tries while waiting for a busy lock
 ENV_HOST = "BACKUPKIT_HOST"
@@ -177,12 +195,15 @@ class Found:
                 f"({b.get('command', '?')}) since {b.get('started', '?')}")
 
 
-def read_locks(storage: Storage) -> list[Found]:
-    """Every lock object under locks/ (old flock files and foreign names skipped)."""
+def read_locks(storage: Storage, keep: Callable[[str, str | None], bool] | None = None,
+               listing: list[ObjectInfo] | None = None) -> list[Found]:
+    """Every lock object under locks/ (old flock files and foreign names skipped), or
+    those whose kind and tag keep(kind, tag) accepts; from listing if given."""
     out: list[Found] = []
-    for info in storage.list(LOCK_PREFIX):
+    for info in storage.list(LOCK_PREFIX) if listing is None else listing:
         name = info.key[len(LOCK_PREFIX):]
-        if not _NAME.fullmatch(name):
+        m = _NAME.fullmatch(name)
+        if not m or (keep is not None and not keep(m[1], m[2])):
             continue
         try:
             raw = storage.get(info.key, LOCK_MAX)
@@ -286,18 +307,22 @@ class Lock:
     def _try(self) -> Found | None:
         """Create our object and look for conflicts: None if we hold the lock now, else
         the conflicting lock we lost to (our object is gone again)."""
-        self.key = f"{LOCK_PREFIX}{self.kind}-{secrets.token_hex(8)}.json"
+        tag = _tag(self.body.get("domain")) if self.kind == "domain" else None
+        self.key = (f"{LOCK_PREFIX}{self.kind}-{tag + '-' if tag else ''}"
+                    f"{secrets.token_hex(8)}.json")
         self.body.pop("created", None)
         t0 = time.time()
         if not self.storage.put_if_absent(self.key, self._encode()):
             raise OperationFailed(f"lock object {self.key} exists already")
         t1 = time.time()
         try:
-            found = read_locks(self.storage)
-            own = next((f for f in found if f.key == self.key), None)
+            listing = list(self.storage.list(LOCK_PREFIX))
+            own = next((i for i in listing if i.key == self.key), None)
             if own is None:
                 raise OperationFailed(f"lock object {self.key} vanished right after it was "
                                       f"written ({self.storage.location})")
+            found = read_locks(self.storage, lambda k, t: _may_conflict(self.kind, tag, k, t),
+                               [i for i in listing if i.key != self.key])
             self._check_clock(own.mtime, t0, t1)
             self.offset = own.mtime - (t0 + t1) / 2
             self.body["created"] = own.mtime
@@ -317,12 +342,12 @@ class Lock:
                     loser_to = f
                     break
             if loser_to is not None:
-                self.storage.delete(self.key)
+                self.storage.delete_many([self.key])
                 return loser_to
             return None
         except BaseException:
             with contextlib.suppress(Exception):
-                self.storage.delete(self.key)
+                self.storage.delete_many([self.key])
             raise
 
     def _check_clock(self, store_t: float, t0: float, t1: float) -> None:
@@ -338,8 +363,8 @@ class Lock:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        with self._io, contextlib.suppress(NotFound):
-            self.storage.delete(self.key)
+        with self._io:
+            self.storage.delete_many([self.key])  # one request; gone already is fine
 
     # -- state and refresh ---------------------------------------------------------------
 
@@ -372,6 +397,14 @@ class Lock:
                 if self.committing == 0:
                     with contextlib.suppress(Exception):  # a refresh writes it again
                         self.set_state("running")
+
+    def check(self) -> None:
+        """Count it as lost if another process removed the object (one HEAD)."""
+        with self._io:
+            if not self.storage.exists(self.key):
+                self.lost += 1
+                log.error("%s: the lock object %s was removed by another process (it "
+                          "judged it stale)", self.what, self.key)
 
     def refresh(self) -> None:
         with self._io:

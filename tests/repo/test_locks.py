@@ -344,7 +344,9 @@ def test_lock_object_format(tmp_path: Path) -> None:
     repo = Repository.init(str(tmp_path / "repo"), chunk_size=CHUNK)
     with repo.lock_domain("vm1", uuid="abc") as lock:
         (name,) = os.listdir(tmp_path / "repo" / "locks")
-        assert name.startswith("domain-") and name.endswith(".json") and len(name) == 28
+        # domain-<8 hex of SHA-256 of the name>-<16 random hex>.json
+        assert name.startswith("domain-7b11e3d1-") and name.endswith(".json")
+        assert len(name) == 37
         body = json.loads((tmp_path / "repo" / "locks" / name).read_text())
         assert set(body) >= {"kind", "host", "pid", "boot_id", "command", "started",
                              "domain", "uuid", "state"}
