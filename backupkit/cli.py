@@ -349,8 +349,18 @@ def _open_repo(args: argparse.Namespace, cfg: config.Config, domain: str | None 
     from backupkit.repo import Repository
     from backupkit.repo.url import open_storage
 
-    return Repository.open(open_storage(_repo_path(args, cfg, domain), cfg),
+    repo = Repository.open(open_storage(_repo_path(args, cfg, domain), cfg),
                            _passphrase(args, cfg) if unlock else None)
+    repo.lock_settings = _lock_settings(cfg)
+    return repo
+
+
+def _lock_settings(cfg: config.Config) -> Any:
+    from backupkit.repo import locks
+
+    return locks.settings(host=config.this_host(cfg), lock_refresh=cfg.lock_refresh,
+                          lock_stale=cfg.lock_stale, max_clock_skew=cfg.max_clock_skew,
+                          gc_grace=cfg.gc_grace)
 
 
 def _uri(args: argparse.Namespace, cfg: config.Config) -> str:
@@ -401,6 +411,7 @@ def cmd_copy(args: argparse.Namespace, cfg: config.Config) -> Any:
                            config_file=cfg.passphrase_file,
                            env="BACKUPKIT_TO_PASSPHRASE" if to_env else crypto.PASSPHRASE_ENV)
     dst = Repository.open(open_storage(args.to, cfg), pp)
+    dst.lock_settings = _lock_settings(cfg)
     return transfer.copy(src, dst, list(dict.fromkeys(args.domains)), args.latest)
 
 
@@ -565,9 +576,8 @@ def cmd_restore(args: argparse.Namespace, cfg: config.Config) -> Any:
         m = repo.get_manifest(args.domain, args.backup)
         total = sum(d.data_bytes for d in m.disks if not args.disk or d.name in args.disk)
         progress = factory("restore", total)
-    # The shared lock keeps gc from deleting chunks of a backup being restored (a prune
-    # racing the restore would otherwise look like repository damage).
-    with repo.lock_shared(_lock_wait(args, cfg)):
+    # A reader: gc never deletes chunks of a committed backup, so it runs meanwhile.
+    with repo.lock_read(_lock_wait(args, cfg)):
         return restore.restore(
             repo, args.domain, args.backup, args.target,
             fmt=args.format, disks=tuple(args.disk), define=args.define, force=args.force,

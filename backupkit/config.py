@@ -78,6 +78,10 @@ class Config:
     scratch_dir: str = "/var/lib/backupkit/scratch"
     scratch_min_free: int = 512 << 20
     lock_wait: float = 0.0
+    lock_refresh: float | None = None  # None: backupkit.repo.locks.Settings's default
+    lock_stale: float | None = None
+    max_clock_skew: float | None = None
+    gc_grace: float | None = None
     chunk_size: int = CHUNK_SIZE_DEFAULT
     backup: DomainSettings = field(default_factory=DomainSettings)
     domains: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -113,6 +117,13 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "scratch_dir": ((str,), "directory for backup scratch files and sockets"),
     "scratch_min_free": ((int,), "bytes kept free on the scratch filesystem"),
     "lock_wait": ((int, float), "seconds to wait for a busy lock"),
+    "lock_refresh": ((int, float), "seconds between refreshes of a held lock (default 60)"),
+    "lock_stale": ((int, float), "a lock not refreshed for this many seconds is stale "
+                   "(default 600)"),
+    "max_clock_skew": ((int, float), "largest difference allowed between this host's "
+                       "clock and the store's, seconds (default 300)"),
+    "gc_grace": ((int, float), "gc keeps unreferenced objects younger than this, seconds "
+                 "(default 3600; at least 2 * max_clock_skew)"),
     "chunk_size": ((int,), "chunk size for new repositories (bytes)"),
     "passphrase_file": ((str,), "file holding the passphrase of an encrypted repository"),
     "host": ((str,), "this host's name in the repository (else the machine's host name)"),
@@ -232,6 +243,12 @@ def parse(doc: dict[str, Any], path: str) -> Config:
                           path)
     if "host" in kw:
         check_host(kw["host"], path)
+    for key in ("lock_refresh", "lock_stale"):
+        if key in kw and kw[key] <= 0:
+            raise ConfigError(f"{key} must be positive", path)
+    for key in ("max_clock_skew", "gc_grace"):
+        if key in kw and kw[key] < 0:
+            raise ConfigError(f"{key} must not be negative", path)
     if not chunk_size_ok(kw.get("chunk_size", CHUNK_SIZE_DEFAULT)):
         raise ConfigError(f"chunk_size must be a power of two, {CHUNK_SIZE_RANGE}", path)
     return Config(path=path, **kw)

@@ -22,6 +22,18 @@ Points (see where they are called):
   is not ended and the previous checkpoint is not deleted yet;
 - ``hygiene_step_N``: a hygiene hook is about to make its N-th change (1-based:
   a ``qemu-img bitmap`` run, a libvirt bitmap removal or checkpoint deletion).
+
+Points of gc's protocol with running writers (docs/format.md, "Locks and gc"):
+
+- ``before_commit``: a writer (backup, copy, import) holding its writer and domain
+  locks has stored every chunk and index; its lock is not "committing" yet;
+- ``commit_after_epoch``: the writer's lock says "committing" and it has read
+  ``gc/epoch``; the manifest is not written;
+- ``gc_after_mark``: gc has marked and chosen its candidates; the epoch is unchanged;
+- ``gc_before_sweep``: the epoch says "sweeping", gc waited for committing writers
+  and re-read the manifests; nothing is deleted yet;
+- ``gc_mid_sweep``: the first batch of chunks is deleted;
+- ``gc_after_sweep``: every candidate is deleted; the epoch still says "sweeping".
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ ENV_POINT = "BACKUPKIT_FAULT_POINT"
 ENV_ACTION = "BACKUPKIT_FAULT_ACTION"
 
 POINTS = ("before_first_chunk", "mid_data", "after_index", "after_manifest")
+GC_POINTS = ("gc_after_mark", "gc_before_sweep", "gc_mid_sweep", "gc_after_sweep")
+COMMIT_POINTS = ("before_commit", "commit_after_epoch")
 
 
 def armed(name: str) -> bool:

@@ -62,8 +62,8 @@ def config_complete() -> None:
     repo = (Repository.open(storage) if passphrase is None
             else Repository.open(storage, passphrase))  # type: ignore[call-arg,unused-ignore]
     manifest = repo.get_manifest(_params["domain"], _params["backup"])
-    # Held until nbdkit exits (the descriptor lives as long as the process).
-    lock = repo.lock_shared(0.0)
+    # A reader's lock (none: gc never deletes what a committed backup references).
+    lock = repo.lock_read(0.0)
     lock.__enter__()
     _state.update(repo=repo, manifest=manifest, lock=lock, readers={})
 

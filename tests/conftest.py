@@ -38,6 +38,12 @@ def _restore_backupkit_logger() -> Iterator[None]:
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# gc keeps unreferenced objects younger than gc_grace (an hour by default, against
+# clock skew between hosts): tests run on one clock and check what gc frees at once.
+# The tests of the grace itself set their own values (tests/ops/test_gc_fleet.py).
+os.environ.setdefault("BACKUPKIT_GC_GRACE", "0")
+os.environ.setdefault("BACKUPKIT_MAX_CLOCK_SKEW", "0")
+
 
 def _libvirt_unavailable(reason: str) -> None:
     if IN_CI:

@@ -77,8 +77,6 @@ def s3_location(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         for i in range(0, len(keys), 1000):  # one request per 1,000 keys
             client.delete_objects(Bucket=env["BACKUPKIT_TEST_S3_BUCKET"], Delete={
                 "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
-        shutil.rmtree(st.lock_root, ignore_errors=True)
-
 
 def ceph_conf(env: dict[str, str]) -> str:
     """The test cluster's ceph.conf (scripts/start-s3.sh)."""

@@ -50,7 +50,7 @@ from backupkit.errors import (
 from backupkit.nbd import Client, QemuNbd
 from backupkit.ops.copy import Progress, copy_disk
 from backupkit.repo import DiskRecord, Index, Manifest, Repository, chains
-from backupkit.repo.locks import hold
+from backupkit.repo.flock import hold
 from backupkit.virt import Connection, Domain
 from backupkit.virt import checkpoints as vcp
 from backupkit.virt import xml as vxml
@@ -839,8 +839,9 @@ def backup(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
            ) -> dict[str, Any]:
     """Back up one domain; raises on failure (nothing half-committed is visible).
 
-    Holds the shared repository lock (so gc cannot delete a chunk this backup is
-    about to reference) and the domain's lock (one backup per domain at a time).
+    Holds the repository's writer lock (gc's protocol then keeps every chunk this
+    backup references: docs/format.md, "Locks and gc") and the domain's lock (one
+    backup per domain at a time, on any host).
     """
     with repo.lock_shared(wait=req.lock_wait):
         return _backup_locked(repo, conn, req, hooks)
@@ -849,8 +850,15 @@ def backup(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
 def _backup_locked(repo: Repository, conn: Connection, req: Request, hooks: Hooks | None
                    ) -> dict[str, Any]:
     check_scratch_dir(req.scratch_dir)
-    with host_domain_lock(req.domain, wait=req.lock_wait), \
-            repo.lock_domain(req.domain, wait=req.lock_wait):
+    # The repository's domain lock first: a backup of this domain on another host holds
+    # it, and Busy then names that host (the host-wide lock sees only this host).
+    # Keyed by name and UUID: another host's different domain of the same name is not us.
+    try:
+        uuid: str | None = conn.domain(req.domain).uuid()
+    except Error:
+        uuid = None  # not defined here: _Backup reports it, under the name-only lock
+    with repo.lock_domain(req.domain, wait=req.lock_wait, uuid=uuid), \
+            host_domain_lock(req.domain, wait=req.lock_wait):
         return _Backup(repo, conn, req, hooks or Hooks()).run()
 
 
@@ -860,8 +868,7 @@ def backup_many(repo: Repository, conn: Connection, domains: Sequence[str],
                 | None = None) -> dict[str, Any]:
     """Back up several domains in order; one failure does not stop the others.
 
-    The shared repository lock is held for the whole run: a gc waiting for it
-    cannot slip in between two domains and make the rest of the night busy.
+    The writer lock is held for the whole run (gc runs beside it).
     """
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []

@@ -1,122 +1,329 @@
 """gc: remove chunks no committed backup references, and leftovers of interrupted runs.
 
-Runs under the exclusive repository lock: backups and prune hold the shared
-lock for their whole run, so no backup can be between "chunk exists, skip it"
-and "commit the manifest that references it" while gc decides what is
-unreferenced (docs/format.md, "Locks and gc").  gc refuses to delete anything
-if a manifest or index cannot be read: it could not know what that backup needs
-(``backupkit delete`` removes such a backup).  A quarantined copy of a damaged
-chunk is removed once no backup lacks that chunk.
+gc never stops the fleet: backups, prunes and reads go on while it runs.  The
+protocol (docs/format.md, "Locks and gc", which argues why it is safe):
+
+1. take the gc lock (one gc at a time);
+2. cutoff = min(store time now, start of the oldest live writer) - gc_grace:
+   only objects older than that may go (fresh uploads of running backups stay);
+3. mark: every chunk the committed manifests reference (M1), held compactly;
+   any unreadable backup aborts gc: it could not know what that backup needs;
+4. candidates: chunks older than the cutoff and not marked;
+5. gc/epoch := {epoch+1, sweeping: true};
+6. wait while a live writer is in state "committing";
+7. manifests committed since the mark rescue their chunks from the candidates;
+8. delete the candidates (batches), leftovers and orphaned directories older
+   than the cutoff;
+9. gc/epoch := {epoch+1, sweeping: false}.
+
+A writer that read the epoch before step 5 and commits after it checks that
+every chunk it references still exists (backupkit.repo.fleet).  ``--dry-run``
+does steps 1-4 and reports.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import logging
 import re
 import time
+from array import array
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
-from backupkit.errors import CorruptRepository, Error, RepositoryError
-from backupkit.repo import Repository
+from backupkit import faults
+from backupkit.errors import CorruptRepository, Error, OperationFailed, RepositoryError
+from backupkit.repo import Repository, fleet, locks
+from backupkit.repo.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 _CHUNK_KEY = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{64})")
+_OLD_LOCK = re.compile(r"locks/(repository|domain\..+)\.lock")
+BATCH = 1000  # keys per delete request (S3 DeleteObjects takes 1000)
+
+
+class DigestSet:
+    """Chunk hashes, compactly: a sorted array of their first 8 bytes (8 bytes each,
+    not ~100 for a set of bytes objects).  Two hashes sharing 8 bytes look alike: a
+    false "present", which only keeps a chunk (safe for gc)."""
+
+    _MERGE = 1 << 20  # pending hashes merged into the array this many at a time
+
+    def __init__(self) -> None:
+        self._sorted = array("Q")
+        self._pending: set[int] = set()
+
+    @staticmethod
+    def _prefix(digest: bytes) -> int:
+        return int.from_bytes(digest[:8], "big")
+
+    def update(self, digests: Iterable[bytes]) -> None:
+        for d in digests:
+            self._pending.add(self._prefix(d))
+            if len(self._pending) >= self._MERGE:
+                self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        new = sorted(self._pending)
+        self._pending = set()
+        out = array("Q")
+        a, i, j = self._sorted, 0, 0
+        while i < len(a) and j < len(new):
+            x, y = a[i], new[j]
+            if x < y:
+                out.append(x)
+                i += 1
+            elif y < x:
+                out.append(y)
+                j += 1
+            else:
+                out.append(x)
+                i += 1
+                j += 1
+        out.extend(a[i:])
+        out.extend(new[j:])
+        self._sorted = out
+
+    def __contains__(self, digest: bytes) -> bool:
+        self._merge()
+        p = self._prefix(digest)
+        k = bisect.bisect_left(self._sorted, p)
+        return k < len(self._sorted) and self._sorted[k] == p
+
+    def __len__(self) -> int:
+        self._merge()
+        return len(self._sorted)
+
+
+def _refuse(d: str, bid: str, why: str, repo: Repository) -> CorruptRepository:
+    return CorruptRepository(
+        f"gc refuses to run: backup {d}/{bid} is unreadable ({why}); "
+        f"run verify, then delete it (backupkit delete {d} {bid})", path=repo.path)
+
+
+def _mark(repo: Repository, referenced: DigestSet, skip: set[tuple[str, str]]
+          ) -> set[tuple[str, str]]:
+    """Add the chunks of every committed backup not in skip; their (domain, id)s."""
+    committed: set[tuple[str, str]] = set()
+    for d, bid, m in repo.scan_backups():
+        if isinstance(m, Error):
+            raise _refuse(d, bid, m.reason if isinstance(m, RepositoryError) else str(m), repo)
+        committed.add((d, bid))
+        if (d, bid) in skip:
+            continue
+        _mark_one(repo, m, referenced)
+    return committed
+
+
+def _mark_one(repo: Repository, m: Manifest, referenced: DigestSet) -> None:
+    for rec in m.disks:
+        try:
+            index = repo.load_index(m, rec.name)
+        except RepositoryError as e:
+            raise CorruptRepository(
+                f"gc refuses to run: {e.reason}; run verify, then delete that backup "
+                f"(backupkit delete {m.domain} {m.id})", path=repo.path) from e
+        referenced.update(index.digests())
+
+
+def _started(f: locks.Found) -> float:
+    """When a writer started, by the store's clock (the clock of the chunks' mtimes):
+    its lock's creation.  ("started" in the lock is the writer's own clock, and whole
+    seconds: for people.)"""
+    return f.created
+
+
+def _wait_for_commits(repo: Repository, lock: locks.Lock) -> int:
+    """Step 6: wait while a live writer is committing; how many were waited for."""
+    settings = repo.lock_settings
+    deadline = time.monotonic() + settings.lock_stale + settings.lock_refresh
+    seen: set[str] = set()
+    while True:
+        busy = [f for f in locks.live_locks(repo.storage, lock.store_now(), settings,
+                                            keep=lock.key)
+                if f.kind == "writer" and f.body.get("state") == "committing"]
+        if not busy:
+            return len(seen)
+        seen.update(f.key for f in busy)
+        if time.monotonic() > deadline:
+            raise OperationFailed(
+                f"gc: {busy[0].describe()} has been committing for longer than lock_stale; "
+                "nothing was deleted; run gc again later")
+        time.sleep(fleet.POLL / 5)
 
 
 def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[str, Any]:
     started = time.monotonic()
-    with repo.lock_exclusive(wait):
-        storage = repo.storage
-        # 1. Everything committed backups reference; any damage aborts gc.
-        referenced: set[bytes] = set()
-        committed: set[tuple[str, str]] = set()
-        backups = 0
-        for d, bid, m in repo.scan_backups():
-            if isinstance(m, Error):
-                why = m.reason if isinstance(m, RepositoryError) else str(m)
-                raise CorruptRepository(
-                    f"gc refuses to run: backup {d}/{bid} is unreadable ({why}); "
-                    f"run verify, then delete it (backupkit delete {d} {bid})",
-                    path=repo.path)
-            backups += 1
-            committed.add((d, bid))
-            for rec in m.disks:
-                try:
-                    index = repo.load_index(m, rec.name)
-                except RepositoryError as e:
-                    raise CorruptRepository(
-                        f"gc refuses to run: {e.reason}; run verify, then delete that backup "
-                        f"(backupkit delete {d} {bid})", path=repo.path) from e
-                referenced.update(index.digests())
+    storage = repo.storage
+    settings = repo.lock_settings
+    # A dry run changes nothing: like a reader, it takes no lock (so it works on a
+    # read-only repository too) and reads the clock of this host.
+    with (contextlib.nullcontext(None) if dry_run else repo.lock_gc(wait)) as lock:
+        # 2. The cutoff.
+        t0 = lock.store_now() if lock is not None else time.time()
+        writers = [f for f in locks.read_locks(storage) if f.kind == "writer"
+                   and locks.stale_reason(f, t0, settings) is None] if lock is None else \
+            [f for f in locks.live_locks(storage, t0, settings, keep=lock.key)
+             if f.kind == "writer"]
+        cutoff = min([t0, *(_started(f) for f in writers)]) - settings.gc_grace
 
-        # 2. Backup directories without a manifest: interrupted backups or prunes.
+        # 3. Mark.
+        referenced = DigestSet()
+        m1 = _mark(repo, referenced, set())
+
+        # Backup directories without a manifest (interrupted backups or prunes), all of
+        # whose files are older than the cutoff (a running backup's are not).
         orphan_dirs: dict[tuple[str, str], list[tuple[str, int]]] = {}
-        for info in storage.list("backups/"):
+        fresh_dirs: set[tuple[str, str]] = set()
+        for info in [*storage.list("backups/"), *storage.leftovers("backups/")]:
             parts = info.key.split("/")
-            if len(parts) != 4:
+            if len(parts) != 4 or (parts[1], parts[2]) in m1:
                 continue
             key = (parts[1], parts[2])
-            if key not in committed:
-                orphan_dirs.setdefault(key, []).append((info.key, info.size))
-        for info in storage.leftovers("backups/"):
-            parts = info.key.split("/")
-            if len(parts) == 4 and (parts[1], parts[2]) not in committed:
-                orphan_dirs.setdefault((parts[1], parts[2]), [])
+            if info.mtime >= cutoff:
+                fresh_dirs.add(key)
+            orphan_dirs.setdefault(key, []).append((info.key, info.size))
+        for key in fresh_dirs:
+            orphan_dirs.pop(key, None)
 
-        # 3. Unreferenced chunks.
-        chunk_count = chunk_bytes = kept_chunks = 0
+        # 4. Candidates: unreferenced chunks older than the cutoff.
+        cand = bytearray()  # 32-byte hashes, one after the other
+        cand_sizes = array("Q")
+        kept = fresh = 0
         unknown: list[str] = []
         for info in storage.list("chunks/"):
             match = _CHUNK_KEY.fullmatch(info.key)
             if not match or match[2][:2] != match[1]:
                 unknown.append(info.key)
                 continue
-            if bytes.fromhex(match[2]) in referenced:
-                kept_chunks += 1
-                continue
-            if dry_run or storage.delete(info.key):
-                chunk_count += 1
-                chunk_bytes += info.size
-
-        # 3b. Quarantined copies of damaged chunks (verify --data moved them there): kept
-        # while a backup still lacks the chunk, for whoever wants to salvage it.
-        quarantine_count = quarantine_bytes = 0
-        for digest, keys in repo.quarantined().items():
-            if digest in referenced and not repo.has_chunk(digest):
-                continue
-            for qkey in keys:
-                try:
-                    size = storage.size(qkey)
-                except Error:  # a special file: nothing to count
-                    size = 0
-                if dry_run or storage.delete(qkey):
-                    quarantine_count += 1
-                    quarantine_bytes += size
-
-        dir_bytes = 0
-        for (d, bid), files in sorted(orphan_dirs.items()):
-            if dry_run:
-                dir_bytes += sum(size for _k, size in files)
+            digest = bytes.fromhex(match[2])
+            if digest in referenced:
+                kept += 1
+            elif info.mtime >= cutoff:
+                fresh += 1
             else:
-                dir_bytes += repo.remove_backup_dir(d, bid)
+                cand += digest
+                cand_sizes.append(info.size)
+        faults.point("gc_after_mark")
 
-        # 4. Temporary files of interrupted writes (no writer runs: we hold the lock).
-        tmp_count = tmp_bytes = 0
-        for info in list(storage.leftovers("")):
-            parts = info.key.split("/")
-            if len(parts) == 4 and parts[0] == "backups" and (parts[1], parts[2]) in orphan_dirs:
-                if dry_run:
-                    dir_bytes += info.size
-                continue  # removed with its directory above
-            if dry_run or storage.delete(info.key):
-                tmp_count += 1
-                tmp_bytes += info.size
-        if not dry_run:
-            storage.flush()
+        rescued = waited = 0
+        epoch = None
+        if lock is not None:
+            # 5. Tell writers a sweep begins: who read the old epoch checks its chunks.
+            old = fleet.read_epoch_or_reset(storage)
+            epoch = old.epoch + 1
+            fleet.write_epoch(storage, fleet.Epoch(epoch, True))
+            try:
+                # 6. A writer that read the old epoch and is committing: wait for it.
+                waited = _wait_for_commits(repo, lock)
+                # 7. Backups committed since the mark keep their chunks.
+                late = DigestSet()
+                committed = _mark(repo, late, m1)
+                for key in list(orphan_dirs):
+                    if key in committed:
+                        del orphan_dirs[key]
+                if len(late):
+                    keep = bytearray()
+                    sizes = array("Q")
+                    for i in range(len(cand_sizes)):
+                        d = bytes(cand[32 * i:32 * i + 32])
+                        if d in late:
+                            rescued += 1
+                        else:
+                            keep += d
+                            sizes.append(cand_sizes[i])
+                    cand, cand_sizes = keep, sizes
+                faults.point("gc_before_sweep")
+                # 8. Sweep.
+                result = _sweep(repo, lock, cand, cand_sizes, orphan_dirs, referenced, cutoff)
+                faults.point("gc_after_sweep")
+            finally:
+                # 9. The sweep is over (or abandoned: nothing more is deleted either way).
+                fleet.write_epoch(storage, fleet.Epoch(epoch, False))
+        else:
+            result = _sweep(repo, None, cand, cand_sizes, orphan_dirs, referenced, cutoff)
 
     return {
         "dry_run": dry_run,
-        "backups": backups,
+        "backups": len(m1),
         "chunks_referenced": len(referenced),
-        "chunks_kept": kept_chunks,
+        "chunks_kept": kept,
+        "chunks_too_new": fresh,
+        "chunks_rescued": rescued,
+        **result,
+        "unknown_files": unknown,
+        "cutoff": datetime.fromtimestamp(max(cutoff, 0), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "epoch": epoch,
+        "waited_for_commits": waited,
+        "duration_seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _sweep(repo: Repository, lock: locks.Lock | None, cand: bytearray,
+           cand_sizes: array[int], orphan_dirs: dict[tuple[str, str], list[tuple[str, int]]],
+           referenced: DigestSet, cutoff: float) -> dict[str, Any]:
+    """Step 8 (lock None: a dry run, which only counts)."""
+    storage = repo.storage
+    dry_run = lock is None
+    chunk_count = chunk_bytes = 0
+    n = len(cand_sizes)
+    for start in range(0, n, BATCH):
+        end = min(n, start + BATCH)
+        keys = [f"chunks/{cand[32 * i:32 * i + 1].hex()}/{cand[32 * i:32 * i + 32].hex()}"
+                for i in range(start, end)]
+        if lock is not None:
+            _still_ours(lock)
+            storage.delete_many(keys)
+            if start == 0:
+                faults.point("gc_mid_sweep")
+        chunk_count += end - start
+        chunk_bytes += sum(cand_sizes[start:end])
+
+    # Quarantined copies of damaged chunks (verify --data moved them there): kept
+    # while a backup still lacks the chunk, for whoever wants to salvage it.
+    quarantine_count = quarantine_bytes = 0
+    for digest, keys in repo.quarantined().items():
+        if digest in referenced and not repo.has_chunk(digest):
+            continue
+        for qkey in keys:
+            try:
+                size = storage.size(qkey)
+            except Error:  # a special file: nothing to count
+                size = 0
+            if dry_run or storage.delete(qkey):
+                quarantine_count += 1
+                quarantine_bytes += size
+
+    dir_bytes = 0
+    for (d, bid), files in sorted(orphan_dirs.items()):
+        if lock is None:
+            dir_bytes += sum(size for _k, size in files)
+        else:
+            _still_ours(lock)
+            dir_bytes += repo.remove_backup_dir(d, bid)
+
+    # Temporary files of interrupted writes, and the flock(2) files of older versions,
+    # older than the cutoff (a running writer's are newer).
+    tmp_count = tmp_bytes = 0
+    old_locks = [info for info in storage.list(locks.LOCK_PREFIX)
+                 if _OLD_LOCK.fullmatch(info.key) and info.mtime < cutoff]
+    for info in [*storage.leftovers(""), *old_locks]:
+        parts = info.key.split("/")
+        if len(parts) == 4 and parts[0] == "backups" and (parts[1], parts[2]) in orphan_dirs:
+            continue  # removed (or counted) with its directory above
+        if info.mtime >= cutoff:
+            continue
+        if dry_run or storage.delete(info.key):
+            tmp_count += 1
+            tmp_bytes += info.size
+    if not dry_run:
+        storage.flush()
+    return {
         "chunks_removed": chunk_count,
         "chunk_bytes_freed": chunk_bytes,
         "incomplete_backups_removed": [f"{d}/{bid}" for d, bid in sorted(orphan_dirs)],
@@ -125,8 +332,16 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
         "tmp_bytes_freed": tmp_bytes,
         "quarantined_removed": quarantine_count,
         "bytes_freed": chunk_bytes + dir_bytes + tmp_bytes + quarantine_bytes,
-        "unknown_files": unknown,
-        "duration_seconds": round(time.monotonic() - started, 3),
     }
 
 
+def _still_ours(lock: locks.Lock) -> None:
+    """Refresh the gc lock before each batch of deletions: once it is fresh, nobody may
+    judge it stale for lock_stale seconds, far longer than one batch takes.  If another
+    process removed it (this gc was stopped for longer than lock_stale), stop."""
+    before = lock.lost
+    lock.refresh()
+    if lock.lost != before:
+        raise OperationFailed(
+            "gc: its lock was removed by another process that judged it stale (was gc "
+            "stopped for longer than lock_stale?); stopping before deleting more")

@@ -160,7 +160,7 @@ def prune(repo: Repository, domain: str | None, policy: Policy, *, dry_run: bool
     skipped: list[dict[str, Any]] = []
     damaged: list[dict[str, Any]] = []
     removed = kept = 0
-    with repo.lock_shared(wait):
+    with repo.lock_read(wait):  # each domain's lock below; gc goes on meanwhile
         domains = [domain] if domain is not None else _domains(repo)
         for d in domains:
             try:
@@ -207,12 +207,12 @@ def delete(repo: Repository, domain: str, backup_id: str, *, wait: float = 0.0
     """Delete one backup by id, whether it can be read or not (a damaged one, say).
 
     The supported way to remove a backup that verify reports as damaged and that
-    list and prune skip.  Holds the shared repository lock and the domain's lock,
-    as prune does; chunks are freed by the next gc.
+    list and prune skip.  Holds the domain's lock, as prune does; chunks are freed
+    by the next gc.
     """
     if backup_id == "latest":
         raise UsageError("delete needs a backup id, not 'latest' (backupkit list DOMAIN)")
-    with repo.lock_shared(wait), repo.lock_domain(domain, wait):
+    with repo.lock_domain(domain, wait):
         freed, damage = repo.delete_backup(domain, backup_id)
     log.info("deleted backup %s/%s%s", domain, backup_id,
              f" (it could not be read: {damage})" if damage else "")

@@ -356,8 +356,6 @@ def start(repo: Repository, repo_location: str, config_path: str | None, domain:
     name = choose_disk(manifest, disk)
     for rec in manifest.disks:
         repo.load_index(manifest, rec.name)  # damage in an index fails here, exit 5
-    with repo.lock_shared(0.0):
-        pass  # a gc running now: exit 3 here, not an nbdkit failure (the plugin holds it)
     socket_path = os.path.abspath(socket_path)
     if os.path.lexists(socket_path):
         if answers(socket_path):

@@ -111,7 +111,7 @@ def copy(src: Repository, dst: Repository, domains: list[str], latest: int | Non
     names = _Names(src, dst)
     copied: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    with src.lock_shared():
+    with src.lock_read():
         listing = src.backups()
         wanted = [m for m in listing.manifests if not domains or m.domain in domains]
         for d in domains:

@@ -229,13 +229,14 @@ def verify(repo: Repository, domain: str | None = None, backup: str | None = Non
            ) -> dict[str, Any]:
     """Check the selected backups; IntegrityError (exit 5) with the report on any damage.
 
-    Holds the shared repository lock, so gc cannot remove chunks meanwhile.
+    Takes no lock (docs/format.md, "Locks and gc"): gc removes only chunks no
+    committed backup references, so it runs meanwhile.
     With data=True damaged chunks are quarantined; with repair=True missing
     chunks are stored again where another backup still holds their bytes.
     With ``host`` (and a domain, no backup): only the backups of the domain(s) of
     that name that host backed up (backupkit.repo.chains).
     """
-    with repo.lock_shared(wait):
+    with repo.lock_read(wait):
         return _verify(repo, domain, backup, data, workers, progress_start, repair, host)
 
 

@@ -39,7 +39,7 @@ from backupkit.errors import (
     WrongKey,
 )
 from backupkit.fileio import Buffer
-from backupkit.repo import crypto, locks
+from backupkit.repo import crypto, fleet, locks
 from backupkit.repo.index import Index, IndexFormatError, Piece
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
@@ -135,6 +135,13 @@ class Repository:
         self._tls = threading.local()
         self._zero_digests: dict[int, bytes] = {}
         self._zeros = memoryview(bytes(self.chunk_size))
+        #: Timing of locks and gc (config: lock_refresh, lock_stale, max_clock_skew,
+        #: gc_grace); the command line sets it from the configuration.
+        self.lock_settings = locks.settings()
+        self._writer: locks.Lock | None = None
+        self._writer_users = 0
+        self._writer_mx = threading.Lock()
+        self._registrations: dict[str, fleet.Registration] = {}
 
     # -- creation ------------------------------------------------------------
 
@@ -329,24 +336,77 @@ class Repository:
                                     "or another object put in its place)", path=self.path)
         return plain
 
-    # -- locks ---------------------------------------------------------------
+    # -- locks (docs/format.md, "Locks and gc") ---------------------------------
 
-    def lock_domain(self, domain: str, wait: float = 0.0
-                    ) -> contextlib.AbstractContextManager[None]:
-        """Exclusive per-domain lock (backup, prune of that domain)."""
-        check_name("domain name", domain)
-        return locks.hold(self.storage.lock_root, f"domain.{domain}.lock", f"domain {domain}",
-                          wait=wait)
+    def lock_read(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """What readers (verify, restore, serve, copy's source) hold: nothing.
 
-    def lock_shared(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
-        """Repository-wide shared lock: held by backups and prune (excludes gc)."""
-        return locks.hold(self.storage.lock_root, "repository.lock",
-                          f"repository {self.path}", shared=True, wait=wait)
+        A reader is never blocked by gc nor blocks it: gc deletes only chunks that no
+        committed backup references.  (A backup deleted by prune while it is read
+        fails that read, as the operator asked.)  `wait` is accepted for symmetry.
+        """
+        return contextlib.nullcontext()
 
-    def lock_exclusive(self, wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
-        """Repository-wide exclusive lock: held by gc."""
-        return locks.hold(self.storage.lock_root, "repository.lock",
-                          f"repository {self.path}", wait=wait)
+    @contextlib.contextmanager
+    def lock_writer(self, wait: float = 0.0) -> Iterator[locks.Lock]:
+        """The writer lock: held by whatever stores chunks and commits backups (backup,
+        copy into this repository, import).  Writers never exclude each other nor gc;
+        gc learns from it how old the oldest running writer is and waits for its
+        commits (fleet.py).  Re-entrant within this Repository object."""
+        with self._writer_mx:
+            if self._writer is None:
+                lock = locks.Lock(self.storage, "writer", f"repository {self.path}",
+                                  self.lock_settings)
+                lock.acquire(wait)
+                self._writer = lock
+            self._writer_users += 1
+            writer = self._writer
+        try:
+            yield writer
+        finally:
+            with self._writer_mx:
+                self._writer_users -= 1
+                if self._writer_users == 0:
+                    self._writer = None
+                    writer.release()
+
+    #: The name locks had when they were flock(2) files; it now means the writer lock.
+    lock_shared = lock_writer
+
+    def lock_exclusive(self, wait: float = 0.0) -> contextlib.AbstractContextManager[locks.Lock]:
+        """The repository alone: excludes every other lock (no writer, gc, domain lock)."""
+        return locks.hold(self.storage, "exclusive", f"repository {self.path}",
+                          self.lock_settings, wait=wait)
+
+    def lock_gc(self, wait: float = 0.0) -> contextlib.AbstractContextManager[locks.Lock]:
+        """The gc lock: one gc at a time; backups go on (docs/format.md)."""
+        return locks.hold(self.storage, "gc", f"gc of repository {self.path}",
+                          self.lock_settings, wait=wait)
+
+    def lock_domain(self, domain: str, wait: float = 0.0, uuid: str | None = None
+                    ) -> contextlib.AbstractContextManager[locks.Lock]:
+        """Exclusive per-domain lock (backup, prune, delete of that domain).
+
+        Two locks conflict when the names are equal and the uuids too, or either is
+        unknown (None).  Taken while this object holds the writer lock, it registers
+        the backup with gc's protocol (fleet.register), checked at commit().
+        """
+        check_name("domain name", domain)  # now, not when the lock is entered
+        return self._lock_domain(domain, wait, uuid)
+
+    @contextlib.contextmanager
+    def _lock_domain(self, domain: str, wait: float, uuid: str | None
+                     ) -> Iterator[locks.Lock]:
+        with locks.hold(self.storage, "domain", f"domain {domain}", self.lock_settings,
+                        wait=wait, domain=domain, uuid=uuid) as lock:
+            with self._writer_mx:
+                writer = self._writer
+            if writer is not None:
+                self._registrations[domain] = fleet.register(writer, lock)
+            try:
+                yield lock
+            finally:
+                self._registrations.pop(domain, None)
 
     # -- chunks --------------------------------------------------------------
 
@@ -613,9 +673,20 @@ class Repository:
         if len(doc) > MANIFEST_MAX:
             raise OperationFailed(f"manifest is {len(doc)} bytes, more than {MANIFEST_MAX}")
         self.storage.flush()
-        if not self.storage.put_if_absent(key, doc):
-            raise OperationFailed(f"backup {manifest.domain}/{manifest.id} is already committed")
-        self.storage.flush()
+
+        def put() -> None:
+            if not self.storage.put_if_absent(key, doc):
+                raise OperationFailed(
+                    f"backup {manifest.domain}/{manifest.id} is already committed")
+            self.storage.flush()
+
+        def chunk_keys() -> Iterator[str]:
+            for d in manifest.disks:
+                for digest in self.load_index(manifest, d.name).digests():
+                    yield chunk_key(digest)
+
+        # With the writer and domain locks held: gc's commit protocol (fleet.py).
+        fleet.commit(self._registrations.get(manifest.domain), put, chunk_keys)
 
     def read_manifest(self, domain: str, backup_id: str) -> Manifest:
         """One manifest by exact id; NotFound or CorruptRepository/UnsupportedFormat."""

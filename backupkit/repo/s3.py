@@ -33,7 +33,6 @@ path-style addressing is the default: Ceph RGW and MinIO need no DNS per bucket 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -48,9 +47,6 @@ import botocore.exceptions
 from backupkit.errors import CorruptRepository, NotFound, OperationFailed, UsageError
 from backupkit.fileio import Buffer
 from backupkit.repo.storage import ObjectInfo, ReadBuffer, StoreProperties
-
-#: Where remote stores keep their host-local lock files (see S3Storage.lock_root).
-ROOT_LOCK_DIR = "/var/lib/backupkit/locks"
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _NO_BUCKET_CODES = {"NoSuchBucket"}
@@ -203,18 +199,6 @@ class S3Storage:
     @property
     def location(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-
-    @property
-    def lock_root(self) -> str:
-        if os.geteuid() == 0:
-            base = ROOT_LOCK_DIR
-        else:
-            state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-            base = os.path.join(state, "backupkit", "locks")
-        ident = f"{self.endpoint or ''} {self.location}".encode()
-        path = os.path.join(base, "s3-" + hashlib.sha256(ident).hexdigest()[:20])
-        os.makedirs(path, 0o700, exist_ok=True)
-        return path
 
     def _key(self, key: str) -> str:
         parts = key.split("/")
@@ -445,7 +429,7 @@ class S3Storage:
                     key = obj["Key"][len(self._root):]
                     if not key or key.endswith("/"):
                         continue  # a "directory" marker some tools create
-                    yield ObjectInfo(key, int(obj["Size"]))
+                    yield ObjectInfo(key, int(obj["Size"]), obj["LastModified"].timestamp())
 
     def leftovers(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Incomplete multipart uploads under prefix, as ``KEY#multipart-upload=ID``
@@ -502,6 +486,25 @@ class S3Storage:
         with self._errors(f"deleting {key}"):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
         return True
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """DeleteObjects, 1000 keys a request.  S3 answers "deleted" for a key that did
+        not exist too, so the count is of the keys asked for, less those it refused."""
+        done = 0
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+            with self._errors(f"deleting {len(batch)} objects"):
+                resp = self._client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True})
+            errs = resp.get("Errors") or []
+            if errs:
+                e = errs[0]
+                raise OperationFailed(f"{self.location}: deleting {e.get('Key')}: "
+                                      f"{e.get('Code')}: {e.get('Message')} "
+                                      f"({len(errs)} of {len(batch)} refused)")
+            done += len(batch)
+        return done
 
     def children(self, prefix: str) -> Sequence[str]:
         if prefix.strip("/"):

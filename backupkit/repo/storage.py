@@ -53,6 +53,10 @@ ReadBuffer = bytearray | mmap.mmap  # what get_into reads into
 class ObjectInfo(NamedTuple):
     key: str
     size: int
+    #: When the object was last written (created or replaced), by the store's clock
+    #: (local: st_mtime; S3: LastModified, whole seconds), in seconds since the epoch.
+    #: Locks and gc judge age by it (docs/format.md, "Locks and gc").
+    mtime: float = 0.0
 
 
 class StoreProperties(NamedTuple):
@@ -69,7 +73,7 @@ class StoreProperties(NamedTuple):
     #: get_into() into an aligned_buffer() reads past the page cache (O_DIRECT); other
     #: stores read into any buffer the same way.
     aligned_reads: bool
-    #: The data sits on this host's filesystem (flock(2) locks in it protect it).
+    #: The data sits on this host's filesystem.
     local: bool
 
 
@@ -80,16 +84,6 @@ class Storage(Protocol):
     @property
     def location(self) -> str:
         """Where the store is, for messages: a path or a URL such as s3://bucket/prefix."""
-        ...
-
-    @property
-    def lock_root(self) -> str:
-        """A local directory whose locks/ holds the repository's flock(2) lock files.
-
-        The repository itself for a local store.  For a remote store a directory on
-        this host named after its URL: those locks exclude only processes on this host
-        (locks across hosts: issue 18, part 3).
-        """
         ...
 
     def create(self, marker: str) -> None:
@@ -153,6 +147,12 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> bool:
         """Remove key (and now-empty parent directories); False if it did not exist."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Remove several keys (batched where the store can: S3 DeleteObjects, 1000 a
+        request); how many were removed (a store that cannot tell, S3, counts every key).
+        Durable on return, like delete() of each then flush()."""
         ...
 
     def delete_tree(self, prefix: str) -> int:
@@ -319,10 +319,6 @@ class LocalStorage:
 
     @property
     def location(self) -> str:
-        return self.root
-
-    @property
-    def lock_root(self) -> str:
         return self.root
 
     def create(self, marker: str) -> None:
@@ -745,7 +741,7 @@ class LocalStorage:
                     raise self._corrupt(key, "is a symlink or special file; refusing to use it")
                 if e.name.startswith(TMP_PREFIX) != tmp:
                     continue
-                yield ObjectInfo(key, st_.st_size)
+                yield ObjectInfo(key, st_.st_size, st_.st_mtime)
         finally:
             os.close(dfd)
 
@@ -789,6 +785,11 @@ class LocalStorage:
                 os.close(pfd)
             self._mark_dirty("/".join(parts[: depth - 1]))
         return True
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        n = sum(1 for key in keys if self.delete(key))
+        self.flush()
+        return n
 
     @_errors("listing")
     def children(self, prefix: str) -> Sequence[str]:

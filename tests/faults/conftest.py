@@ -13,7 +13,6 @@ Every fault test ends with the same three questions (docs/reliability.md):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -211,15 +210,10 @@ class Bk:
             if d.format == "qcow2" and not td.dom.isActive():
                 assert list(rig.bitmaps(d.path)) == [latest["checkpoint"]]
         assert sorted(os.listdir(self.scratch)) == [], os.listdir(self.scratch)
-        for name in os.listdir(self.repo / "locks"):
-            fd = os.open(self.repo / "locks" / name, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise AssertionError(f"lock {name} is still held") from None
-            finally:
-                os.close(fd)
         self.json("gc")
+        # No lock object is left: released ones are deleted, and gc removes those of
+        # processes that were killed (stale at once: their pid is gone on this host).
+        assert os.listdir(self.repo / "locks") == [], os.listdir(self.repo / "locks")
         again = self.json("gc", "--dry-run")
         assert again["bytes_freed"] == 0 and again["chunks_removed"] == 0, again
         assert not [p for p in self.repo.rglob(".tmp-*")]

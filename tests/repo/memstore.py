@@ -2,16 +2,17 @@
 
 It follows the Storage contract (tests/repo/test_store_contract.py runs against it):
 deferred objects become visible to other instances sharing the same ``objects`` only
-at flush(), like a store that publishes in batches.
+at flush(), like a store that publishes in batches.  Modification times come from
+``clock`` (time.time by default; a test may pass a fake one to age objects) and are
+shared, like the objects, by every instance on the same ``objects``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 from backupkit.errors import CorruptRepository, NotFound, OperationFailed, UsageError
 from backupkit.fileio import Buffer
@@ -29,27 +30,29 @@ def _check(key: str) -> None:
         raise OperationFailed(f"invalid storage key {key!r}")
 
 
+#: id(objects) -> key -> modification time, shared by the instances on one objects dict.
+_MTIMES: dict[int, dict[str, float]] = {}
+
+
 class MemoryStorage:
     properties = StoreProperties(atomic_create=True, concurrency=4, wants_prefetch_hint=False,
                                  aligned_reads=False, local=False)
 
-    def __init__(self, objects: dict[str, bytes] | None = None, name: str = "mem") -> None:
+    def __init__(self, objects: dict[str, bytes] | None = None, name: str = "mem",
+                 clock: Callable[[], float] | None = None) -> None:
         self.objects: dict[str, bytes] = {} if objects is None else objects
+        self.mtimes = _MTIMES.setdefault(id(self.objects), {})
+        self.clock = clock or time.time
         self.name = name
         self._pending: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        # Shared by every instance on the same objects, as a store's locks are.
-        self._lock_root = os.path.join(tempfile.gettempdir(),
-                                       f"bk-memstore-{os.getpid()}-{id(self.objects):x}")
 
     @property
     def location(self) -> str:
         return f"memory://{self.name}"
 
-    @property
-    def lock_root(self) -> str:
-        os.makedirs(self._lock_root, exist_ok=True)
-        return self._lock_root
+    def _stamp(self, key: str) -> None:
+        self.mtimes[key] = self.clock()
 
     def create(self, marker: str) -> None:
         with self._lock:
@@ -69,6 +72,8 @@ class MemoryStorage:
             if key in self.objects or key in self._pending:
                 return False
             (self._pending if deferred else self.objects)[key] = body
+            if not deferred:
+                self._stamp(key)
             return True
 
     def _find(self, key: str) -> bytes:
@@ -100,8 +105,9 @@ class MemoryStorage:
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         with self._lock:
-            items = sorted((k, len(v)) for k, v in self.objects.items() if k.startswith(prefix))
-        return iter([ObjectInfo(k, n) for k, n in items])
+            items = sorted((k, len(v), self.mtimes.get(k, 0.0))
+                           for k, v in self.objects.items() if k.startswith(prefix))
+        return iter([ObjectInfo(k, n, t) for k, n, t in items])
 
     def leftovers(self, prefix: str = "") -> Iterator[ObjectInfo]:
         return iter(())
@@ -110,6 +116,9 @@ class MemoryStorage:
         _check(key)
         with self._lock:
             return self.objects.pop(key, None) is not None
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        return sum(1 for k in keys if self.delete(k))
 
     def children(self, prefix: str) -> Sequence[str]:
         with self._lock:
@@ -131,17 +140,21 @@ class MemoryStorage:
             if key not in self.objects:
                 raise NotFound("file", key)
             self.objects[new_key] = self.objects.pop(key)
+            self._stamp(new_key)
 
     def replace(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         _check(key)
         body = _bytes(data)
         with self._lock:
             self.objects[key] = body
+            self._stamp(key)
 
     def flush(self) -> None:
         with self._lock:
             for k, v in self._pending.items():
-                self.objects.setdefault(k, v)
+                if k not in self.objects:
+                    self.objects[k] = v
+                    self._stamp(k)
             self._pending.clear()
 
     def discard_pending(self) -> None:

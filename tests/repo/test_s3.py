@@ -198,11 +198,16 @@ def test_cli_errors_on_s3(s3_url: str) -> None:
             assert text in cp.stderr and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
 
 
-def test_locks_of_an_s3_repository_exclude_on_this_host(s3_url: str) -> None:
+def test_locks_of_an_s3_repository_are_objects_in_the_bucket(s3_url: str) -> None:
+    """Locks live in the bucket under locks/, so they exclude across hosts (the rules:
+    tests/repo/test_locks.py, which runs on S3 too)."""
     from backupkit.repo import Repository
 
     Repository.init(s3_url)
     a, b = Repository.open(s3_url), Repository.open(s3_url)
+    with a.lock_domain("vm1"):
+        (info,) = a.storage.list("locks/")
+        assert info.key.startswith("locks/domain-") and info.key.endswith(".json")
     with a.lock_exclusive(), pytest.raises(errors.Busy, match="pid"):
         b.lock_shared().__enter__()
     with a.lock_domain("vm1"), pytest.raises(errors.Busy):

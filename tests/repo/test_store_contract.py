@@ -146,6 +146,33 @@ def test_delete(store: Storage) -> None:
     assert store.put_if_absent("backups/d/1/manifest.json", b"n")
 
 
+def test_mtime_by_the_store_clock(store: Storage) -> None:
+    """list() gives each object's modification time; a replace renews it (locks and
+    gc judge age by it).  S3 keeps whole seconds."""
+    import time
+
+    before = time.time()
+    store.put_if_absent("locks/a.json", b"1")
+    (info,) = store.list("locks/")
+    assert abs(info.mtime - before) < 60  # the store's clock is this host's here
+    time.sleep(1.1)
+    store.replace("locks/a.json", b"2")
+    (again,) = store.list("locks/")
+    assert again.mtime > info.mtime
+
+
+def test_delete_many(store: Storage) -> None:
+    keys = [f"chunks/{i % 7:02x}/{i:064x}" for i in range(1005)]  # more than one S3 batch
+    for k in keys:
+        store.put_if_absent(k, b"c")
+    store.put_if_absent("config.json", b"{}")
+    assert store.delete_many(keys[:1003]) == 1003
+    assert {i.key for i in store.list("")} == {*keys[1003:], "config.json"}
+    store.delete_many([*keys[1003:], "chunks/00/gone"])
+    assert [i.key for i in store.list("")] == ["config.json"]
+    assert store.delete_many([]) == 0
+
+
 def test_replace(store: Storage) -> None:
     store.replace("backups/d/1/vda.index", b"one")
     assert store.get("backups/d/1/vda.index", 10) == b"one"
