@@ -348,6 +348,9 @@ class _Backup:
         self._holding = False  # proc.hold_signals() from the commit on (see run())
         self.scratch = check_scratch_dir(req.scratch_dir)
         self.prefix = checkpoint_prefix(repo)
+        # The latest backup when every chunk it names is stored: its indexes seed
+        # deduplication (Repository.seed_known), incremental or not.
+        self._known_from: Manifest | None = None
 
     # -- leftovers ----------------------------------------------------------------
 
@@ -501,6 +504,7 @@ class _Backup:
         prev, unusable = self.repo.backup_parent(self.req.domain)
         if unusable:
             self._warn(f"{unusable}; this backup is full")
+        self._known_from = prev
         keep = prev.checkpoint if prev else None
         self.cleanup_leftovers(keep, running)
         if self.req.mode == "full" or prev is None or not prev.checkpoint:
@@ -534,17 +538,21 @@ class _Backup:
         running = self.dom.is_active()
         disks = select_disks(self.dom.disks(), self.req.disks, self.req.exclude,
                              self.req.domain)
+        requests0 = self.repo.request_counts()
+        written0 = self.repo.chunks_written
         plan = self.plan(disks, running)
         backup_id = self.repo.new_backup_id()
         checkpoint = self.prefix + backup_id
         # Debug: the journal gets one line per backup, at its end (cli._log_summary).
         log.debug("%s: %s backup %s (%s)", self.req.domain, plan.mode, backup_id, plan.reason)
         prev_cp = plan.parent.checkpoint if plan.parent else None
+        self.repo.start_known()  # deduplication without lookups, under our shared lock
         try:
             if running:
                 manifest = self._run_live(disks, plan, backup_id, checkpoint)
             else:
                 manifest = self._run_cold(disks, plan, backup_id, checkpoint)
+            self.repo.forget_known()
         except BaseException:
             # Chunks of this run not yet published must never be published by a later
             # backup in this process: once we let go of the lock, gc may remove them.
@@ -573,6 +581,11 @@ class _Backup:
                            "it is complete, and nothing more is done")
         result = summary(manifest)
         result["parent_checkpoint"] = prev_cp
+        result["stored_chunks"] = self.repo.chunks_written - written0
+        requests = self.repo.request_counts()
+        if requests is not None and requests0 is not None:
+            result["requests"] = {k: v - requests0.get(k, 0) for k, v in sorted(requests.items())
+                                  if v - requests0.get(k, 0)}
         if self.warnings:
             result["warnings"] = self.warnings
         return result
@@ -601,6 +614,11 @@ class _Backup:
         if mode == "incremental":
             assert plan.parent
             parent_index = self.repo.load_index(plan.parent, disk.target)
+            self.repo.seed_known(parent_index)
+        elif self._known_from is not None and self._known_from.disk(disk.target) is not None:
+            # A full backup still need not send what the latest backup stored.
+            with contextlib.suppress(Error):
+                self.repo.seed_known(self.repo.load_index(self._known_from, disk.target))
         progress = None
         if self.hooks.progress_start:
             progress = self.hooks.progress_start(disk.target, client.size)

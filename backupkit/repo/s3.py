@@ -144,11 +144,39 @@ class S3Storage:
         with _sessions_lock:  # a session is not thread-safe
             self._client: Any = session.client("s3", endpoint_url=settings.endpoint or None,
                                                config=config)
+        # Requests by kind, counted as they go on the wire (every attempt, retries too).
+        self._counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
+        events = self._client.meta.events
+        events.register("before-send.s3", self._count_request)
+        events.register("after-call.s3.PutObject", self._count_put_answer)
         self._cond = threading.Condition()
         self._pending: dict[str, int] = {}  # key -> size of deferred uploads not yet done
         self._inflight = 0
         self._failed: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
+
+    # -- request counting -----------------------------------------------------------
+
+    def _count(self, kind: str) -> None:
+        with self._counts_lock:
+            self._counts[kind] = self._counts.get(kind, 0) + 1
+
+    def _count_request(self, request: Any, **_kw: Any) -> None:
+        method = str(getattr(request, "method", "") or "").upper()
+        if method == "GET" and "list-type=" in str(getattr(request, "url", "")):
+            method = "LIST"
+        self._count(method or "OTHER")
+
+    def _count_put_answer(self, http_response: Any, **_kw: Any) -> None:
+        if getattr(http_response, "status_code", 0) == 412:
+            self._count("PUT_EXISTED")  # a create-if-absent PUT found the object there
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests sent so far by kind: PUT, GET, HEAD, LIST, DELETE (every attempt),
+        and PUT_EXISTED: conditional PUTs answered 412 (the object was there)."""
+        with self._counts_lock:
+            return dict(self._counts)
 
     # -- naming and errors ----------------------------------------------------------
 
