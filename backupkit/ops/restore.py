@@ -342,6 +342,10 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
         raise UsageError(f"unknown restore format {fmt!r} (choose {' or '.join(FORMATS)})")
     if workers is None:
         workers = default_workers()
+        if not repo.storage.properties.local:
+            # A worker waits for one GET at a time and no kernel reads ahead of it:
+            # as many workers as the store serves requests in parallel.
+            workers = max(workers, repo.storage.properties.concurrency)
     if workers < 1:
         raise UsageError("workers must be at least 1")
     if define:

@@ -183,3 +183,28 @@ def test_backup_to_s3_sends_no_head_for_known_chunks(s3_url: str) -> None:
     delta = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
     assert "HEAD" not in delta, delta
     assert delta["PUT"] == 1, delta
+
+
+def test_verify_of_an_s3_repository_lists_instead_of_one_head_per_chunk(
+        s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backupkit import errors
+    from backupkit.ops import verify
+
+    monkeypatch.setattr(verify, "LIST_MIN", 1)
+    repo = Repository.init(s3_url, chunk_size=CHUNK)
+    data = [rand(CHUNK, i) for i in range(5)]
+    m, index = _backup(repo, "vm", data)
+    run = Repository.open(open_storage(s3_url))
+    before = run.request_counts() or {}
+    rep = verify.verify(run)
+    assert rep["ok"] and rep["chunks_checked"] == 5
+    after = run.request_counts() or {}
+    assert after.get("HEAD", 0) - before.get("HEAD", 0) == 0
+    # A chunk gone from the store: the listing misses it, it is looked up and named.
+    gone = index[3]
+    assert gone is not None
+    run.storage.delete(chunk_key(gone))
+    with pytest.raises(errors.IntegrityError) as e:
+        verify.verify(run)
+    [dmg] = e.value.report["damaged"]
+    assert dmg["id"] == m.id and gone.hex() in dmg["disks"][0]["missing_chunks"]
