@@ -392,6 +392,25 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+GATEWAY_PIDS = "/run/backupkit-test-s3"  # rgw.pid, osd.pid, mon.pid of scripts/start-s3.sh
+
+
+def gateway_cpu() -> float:
+    """CPU seconds the test gateway's processes (RGW, OSD, MON) have used so far."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for name in ("rgw.pid", "osd.pid", "mon.pid"):
+        try:
+            with open(os.path.join(GATEWAY_PIDS, name)) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def s3_remove(url: str) -> None:
     """Delete every object under an s3://bucket/prefix (1000 per request)."""
     from backupkit.repo.url import parse as parse_url
@@ -843,14 +862,23 @@ class Bench:
         times: dict[str, list[float]] = {}
         repos: dict[str, str] = {}
         requests: dict[str, Any] = {}
+        gw: dict[str, list[float]] = {}  # label -> gateway CPU seconds of each run
+
+        def timed(label: str, where: str, *args: str, cold: bool = True) -> Run:
+            g0 = gateway_cpu()
+            r = self.cli(label, where, *args, cold=cold)
+            if label.startswith("s3 "):
+                gw.setdefault(label, []).append(round(gateway_cpu() - g0, 2))
+            return r
+
         try:
             for i in range(self.args.repeat):
                 pair = {"local": str(self.work / f"repo-s3cmp-{i}"), "s3": f"{base}-{i}"}
                 repos.update(pair)
                 for kind in in_turn(i, "local", "s3"):
                     self.cli(f"{kind} init", pair[kind], "init", "--chunk-size", cs)
-                    r = self.cli(f"{kind} backup full", pair[kind], "backup", main.name,
-                                 "--mode", "full")
+                    r = timed(f"{kind} backup full", pair[kind], "backup", main.name,
+                              "--mode", "full")
                     times.setdefault(f"{kind} full", []).append(r.seconds)
                     if kind == "s3":
                         requests["full"] = r.json().get("requests")
@@ -859,14 +887,13 @@ class Bench:
                     s3_remove(pair["s3"])
             # No-change incrementals (warm, as the nightly run meets them), then 1 %.
             for kind in ("local", "s3"):
-                r = self.cli(f"{kind} backup noop", repos[kind], "backup", main.name,
-                             cold=False)
+                r = timed(f"{kind} backup noop", repos[kind], "backup", main.name, cold=False)
                 times[f"{kind} noop"] = [r.seconds]
                 if kind == "s3":
                     requests["no-change incremental"] = r.json().get("requests")
             self.apply_writes(0.01, self.args.seed + 77)
             for kind in in_turn(1, "local", "s3"):
-                r = self.cli(f"{kind} backup inc 1%", repos[kind], "backup", main.name)
+                r = timed(f"{kind} backup inc 1%", repos[kind], "backup", main.name)
                 times[f"{kind} inc"] = [r.seconds]
                 j = r.json()
                 if kind == "s3":
@@ -875,8 +902,8 @@ class Bench:
             for i in range(self.args.repeat):
                 for kind in in_turn(i, "local", "s3"):
                     target = self.work / f"restore-s3cmp-{kind}"
-                    r = self.cli(f"{kind} restore raw", repos[kind], "restore", main.name,
-                                 "latest", "--target", str(target), "--format", "raw")
+                    r = timed(f"{kind} restore raw", repos[kind], "restore", main.name,
+                              "latest", "--target", str(target), "--format", "raw")
                     times.setdefault(f"{kind} restore", []).append(r.seconds)
                     shutil.rmtree(target)
         finally:
@@ -901,11 +928,15 @@ class Bench:
                      "local no-change incremental", times["local noop"][0],
                      noop / times["local noop"][0], f"<= {GOALS['noop_seconds']} s",
                      noop <= GOALS["noop_seconds"]))
-        heads = sum((r or {}).get("HEAD", 0) for k, r in requests.items()
-                    if isinstance(r, dict) and k != "full")
-        self.add(Row("S3 requests per backup", 0, 0, goal="HEAD per known chunk: 0",
-                     ok=heads == 0, extra={k: v for k, v in requests.items()}))
+        # One HEAD per disk is the commit's check that the disk's index is stored; any
+        # more would be lookups of chunks.
+        heads = max(((r or {}).get("HEAD", 0) for r in requests.values()
+                     if isinstance(r, dict)), default=0)
+        self.add(Row("S3 requests per backup", 0, 0,
+                     goal="HEAD per known chunk: 0 (1 per disk: the index check at commit)",
+                     ok=heads <= 1, extra=dict(requests)))
         self.info["s3_requests"] = requests
+        self.info["gateway_cpu_seconds"] = gw
 
     def chunk_sweep(self) -> None:
         main = self.domains[0]
