@@ -31,6 +31,7 @@ from backupkit.errors import (
     RepositoryError,
     UnsupportedFormat,
 )
+from backupkit.ops.restore import remote_workers
 from backupkit.repo import Index, Manifest, Repository
 from backupkit.repo.repository import ChunkMissing
 
@@ -140,7 +141,8 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
             read_total += local
 
     threads = [threading.Thread(target=work, name=f"verify-{i}", daemon=True)
-               for i in range(max(1, workers if data or remote else 1))]
+               for i in range(max(1, workers if data else 1,
+                                  remote_workers(repo) if remote else 1))]
     with repo.storage.bulk():
         for t in threads:
             t.start()
