@@ -475,16 +475,19 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
                 raise
             _log_summary(res)
             _metrics(cfg, res, None)
-            _repo_metrics(cfg, repo)
+            _repo_metrics(cfg, repo, [res])
             return res
         if len(repos) > 1:
             raise errors.UsageError("--all with per-domain repositories: back up each "
                                     "domain separately")
         repo = _open_repo(args, cfg, names[0] if names else None)
 
+        done: list[dict[str, Any]] = []
+
         def on_result(name: str, res: dict[str, Any] | None, err: errors.Error | None) -> None:
             if res:
                 _log_summary(res)
+                done.append(res)
             else:
                 log.error("%s: FAILED: %s", name, err)
             _metrics(cfg, res, (name, err) if err else None)
@@ -492,7 +495,7 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
         try:
             return op.backup_many(repo, conn, names, request, hooks, on_result)
         finally:
-            _repo_metrics(cfg, repo)
+            _repo_metrics(cfg, repo, done)
 
 
 def _log_summary(res: dict[str, Any]) -> None:
@@ -515,13 +518,21 @@ def _metrics(cfg: config.Config, res: dict[str, Any] | None,
         log.warning("cannot write metrics to %s: %s", cfg.metrics_textfile, e)
 
 
-def _repo_metrics(cfg: config.Config, repo: Any) -> None:
-    """Repository size and chunk count for the textfile (one listing of the repository)."""
+def _repo_metrics(cfg: config.Config, repo: Any,
+                  backups: list[dict[str, Any]] | None = None) -> None:
+    """Repository size and chunk count for the textfile.
+
+    After backups: the totals plus what they stored (no listing), once the file has
+    totals; otherwise (gc, a first backup) one listing of the whole repository.
+    """
     if not cfg.metrics_textfile:
         return
     from backupkit import metrics
 
     try:
+        if backups is not None and (
+                not backups or metrics.add_backups(cfg.metrics_textfile, repo.path, backups)):
+            return
         metrics.record_repository(cfg.metrics_textfile, repo.path, metrics.repository_stats(repo))
     except OSError as e:
         log.warning("cannot write metrics to %s: %s", cfg.metrics_textfile, e)

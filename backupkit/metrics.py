@@ -54,7 +54,8 @@ REPOSITORY_METRICS: dict[str, str] = {
     "backupkit_repository_chunks": "Number of chunks stored in the repository.",
     "backupkit_repository_backups": "Number of backups in the repository.",
     "backupkit_repository_updated_timestamp_seconds":
-        "Unix time the repository metrics were computed.",
+        "Unix time the repository totals were last counted by listing the store "
+        "(gc; backups add what they stored in between).",
 }
 METRICS = {**{n: ("domain", h) for n, h in DOMAIN_METRICS.items()},
            **{n: ("domain", h) for n, h in DRILL_METRICS.items()},
@@ -175,8 +176,10 @@ def record_drill(path: str, result: dict[str, Any], now: float | None = None) ->
 def repository_stats(repo: Any) -> dict[str, int]:
     """Size, chunk and backup counts of an open backupkit.repo.Repository.
 
-    Lists the whole repository (one stat per file): cheap for thousands of
-    chunks, seconds for millions.
+    Lists the whole repository (one stat per file, or one LIST request per 1000
+    objects on S3): cheap for thousands of chunks, a minute for millions on S3.
+    So only gc (which lists everything anyway) and the first backup recorded for
+    a repository count this way; backups add what they wrote (add_backups).
     """
     size = chunks = backups = 0
     for info in repo.storage.list(""):
@@ -198,6 +201,31 @@ def record_repository(path: str, repo_path: str, stats: dict[str, int],
         ("backupkit_repository_backups", repo_path): float(stats["backups"]),
         ("backupkit_repository_updated_timestamp_seconds", repo_path): now,
     })
+
+
+_REPO_TOTALS = ("backupkit_repository_size_bytes", "backupkit_repository_chunks",
+                "backupkit_repository_backups")
+
+
+def add_backups(path: str, repo_path: str, results: list[dict[str, Any]]) -> bool:
+    """Add what backups wrote to the repository totals in the textfile, without listing.
+
+    Chunks only appear between two gc runs (prune and delete leave them to gc), so
+    the count from the last gc plus the chunks and bytes each backup stored is the
+    repository's size as long as this host is its only writer; gc sets it exact
+    again.  False (nothing changed) if the file has no totals for repo_path yet:
+    the caller then counts once with repository_stats.
+    """
+    with _locked(path):
+        samples = read(path)
+        keys = [(n, repo_path) for n in _REPO_TOTALS]
+        if not all(k in samples for k in keys):
+            return False
+        samples[keys[0]] += sum(float(r.get("stored_bytes", 0)) for r in results)
+        samples[keys[1]] += sum(float(r.get("stored_chunks", 0)) for r in results)
+        samples[keys[2]] += len(results)
+        write_atomic(path, render(samples))
+    return True
 
 
 def write_atomic(path: str, text: str) -> None:

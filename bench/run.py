@@ -70,6 +70,9 @@ GOALS = {
     "inc_vs_peer": 1 / 2,
     "rss_mib": 512,
     "encrypted_vs_plain": 1.15,  # encrypted full backup / restore time / unencrypted (issue 20)
+    "s3_full_vs_local": 1.5,     # full backup to S3 / the same to a local repository (issue 18)
+    "s3_inc_vs_local": 2.0,      # incremental after 1 % rewritten, S3 / local
+    "s3_restore_vs_local": 1.5,  # restore from S3 / from a local repository
 }
 
 
@@ -389,6 +392,82 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+GATEWAY_PIDS = "/run/backupkit-test-s3"  # rgw.pid, osd.pid, mon.pid of scripts/start-s3.sh
+
+
+def gateway_cpu() -> float:
+    """CPU seconds the test gateway's processes (RGW, OSD, MON) have used so far."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for name in ("rgw.pid", "osd.pid", "mon.pid"):
+        try:
+            with open(os.path.join(GATEWAY_PIDS, name)) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def s3_remove(url: str) -> None:
+    """Delete every object under an s3://bucket/prefix (1000 per request)."""
+    from backupkit.repo.url import parse as parse_url
+
+    _, bucket, prefix = parse_url(url)
+    import boto3
+
+    client = boto3.client("s3")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                              Prefix=prefix + "/")
+    for page in pages:
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def scale_run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--scale: generate a repository of N chunks (bench.scale), time the commands, for
+    each N in turn (one repository, extended from one N to the next)."""
+    from bench import scale
+
+    counts = sorted(parse_count(x) for x in args.scale.split(",") if x)
+    where = args.scale_repo
+    made_dir = None
+    if where is None or not where.startswith("s3://"):
+        made_dir = Path(where or tempfile.mkdtemp(prefix="bkscale-", dir="/var/tmp"))
+        url = str(made_dir / "repo")
+    else:
+        url = where.rstrip("/") + f"/bkscale-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("BACKUPKIT_REPO", "JOURNAL_STREAM")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = []
+    try:
+        for n in counts:
+            log(f"scale: generating {n} chunks in {url}")
+            info = scale.generate(url, n, log=log)
+            log(f"scale {n}: generated in {info['generate_seconds']}s; timing the commands")
+            rows = scale.measure(url, info, run, env)
+            for r in rows:
+                log(f"scale {n}: {r['step']}: {r['seconds']}s, {r['rss_mib']} MiB"
+                    + (f" FAILED: {r.get('error')}" if r["rc"] else ""))
+            out.append({"n": n, "store": "s3" if url.startswith("s3://") else "local",
+                        "info": info, "rows": rows})
+    finally:
+        if url.startswith("s3://"):
+            s3_remove(url)
+        elif made_dir is not None and not args.keep:
+            shutil.rmtree(made_dir, ignore_errors=True)
+    return out
+
+
+def parse_count(text: str) -> int:
+    t = text.strip().upper()
+    mult = {"K": 1000, "M": 1_000_000}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
 # --- the benchmark -----------------------------------------------------------------
 
 
@@ -417,12 +496,15 @@ class Bench:
         self.conns = Conn()  # first: no work directory is left behind when libvirtd is down
         self.work = Path(args.workdir or tempfile.mkdtemp(prefix="bkbench-", dir="/var/tmp"))
         self.work.mkdir(parents=True, exist_ok=True)
+        # QEMU runs as libvirt-qemu: it must reach the images (mkdtemp makes 0700).
+        self.work.chmod(0o711)
         self.rows: list[Row] = []
         self.rss: dict[str, int] = {}
         # label -> (CPU seconds, wall seconds) of the fastest run with that label
         self.cpu: dict[str, tuple[float, float]] = {}
         self.info: dict[str, Any] = {}
         self.sweep: list[dict[str, Any]] = []
+        self.scale: list[dict[str, Any]] = []
         self.domains: list[BenchDomain] = []
         self.peer = (not args.no_peer) and shutil.which("virtnbdbackup") is not None
         cfg = self.work / "backupkit.toml"
@@ -438,7 +520,7 @@ class Bench:
 
     # -- helpers -------------------------------------------------------------
 
-    def cli(self, label: str, repo: Path, *args: str, cold: bool = True) -> Run:
+    def cli(self, label: str, repo: Path | str, *args: str, cold: bool = True) -> Run:
         argv = [sys.executable, "-m", "backupkit", "--repo", str(repo), "--json", "-q", *args]
         drop_caches(self.cold and cold)
         r = run(argv, env=self.env, check=False)
@@ -766,6 +848,96 @@ class Bench:
                          {"samples": [round(x, 2) for x in times[f"encrypted {what}"]],
                           "plain_samples": [round(x, 2) for x in times[f"plain {what}"]]}))
 
+    def s3_run(self) -> None:
+        """The same domain backed up to S3 (--repo s3://...) and to a local repository.
+
+        Full backups in --repeat pairs (taking turns at going first), then a no-change
+        incremental, an incremental after 1 % rewritten and a raw restore from each;
+        the requests each S3 backup sent, by kind, from its result JSON.
+        """
+        main = self.domains[0]
+        alloc = self.info["allocated_bytes"]
+        cs = self.args.chunk_size
+        base = self.args.repo.rstrip("/") + f"/bkbench-{uuid.uuid4().hex[:8]}"
+        times: dict[str, list[float]] = {}
+        repos: dict[str, str] = {}
+        requests: dict[str, Any] = {}
+        gw: dict[str, list[float]] = {}  # label -> gateway CPU seconds of each run
+
+        def timed(label: str, where: str, *args: str, cold: bool = True) -> Run:
+            g0 = gateway_cpu()
+            r = self.cli(label, where, *args, cold=cold)
+            if label.startswith("s3 "):
+                gw.setdefault(label, []).append(round(gateway_cpu() - g0, 2))
+            return r
+
+        try:
+            for i in range(self.args.repeat):
+                pair = {"local": str(self.work / f"repo-s3cmp-{i}"), "s3": f"{base}-{i}"}
+                repos.update(pair)
+                for kind in in_turn(i, "local", "s3"):
+                    self.cli(f"{kind} init", pair[kind], "init", "--chunk-size", cs)
+                    r = timed(f"{kind} backup full", pair[kind], "backup", main.name,
+                              "--mode", "full")
+                    times.setdefault(f"{kind} full", []).append(r.seconds)
+                    if kind == "s3":
+                        requests["full"] = r.json().get("requests")
+                if i < self.args.repeat - 1:
+                    shutil.rmtree(pair["local"])
+                    s3_remove(pair["s3"])
+            # No-change incrementals (warm, as the nightly run meets them), then 1 %.
+            for kind in ("local", "s3"):
+                r = timed(f"{kind} backup noop", repos[kind], "backup", main.name, cold=False)
+                times[f"{kind} noop"] = [r.seconds]
+                if kind == "s3":
+                    requests["no-change incremental"] = r.json().get("requests")
+            self.apply_writes(0.01, self.args.seed + 77)
+            for kind in in_turn(1, "local", "s3"):
+                r = timed(f"{kind} backup inc 1%", repos[kind], "backup", main.name)
+                times[f"{kind} inc"] = [r.seconds]
+                j = r.json()
+                if kind == "s3":
+                    requests["incremental 1%"] = j.get("requests")
+                    requests["incremental 1% stored_chunks"] = j.get("stored_chunks")
+            for i in range(self.args.repeat):
+                for kind in in_turn(i, "local", "s3"):
+                    target = self.work / f"restore-s3cmp-{kind}"
+                    r = timed(f"{kind} restore raw", repos[kind], "restore", main.name,
+                              "latest", "--target", str(target), "--format", "raw")
+                    times.setdefault(f"{kind} restore", []).append(r.seconds)
+                    shutil.rmtree(target)
+        finally:
+            for kind, where in repos.items():
+                if kind == "s3":
+                    s3_remove(where)
+                else:
+                    shutil.rmtree(where, ignore_errors=True)
+        for what, goal_key, title in (
+                ("full", "s3_full_vs_local", "S3 full backup"),
+                ("inc", "s3_inc_vs_local", "S3 incremental after 1% rewritten"),
+                ("restore", "s3_restore_vs_local", "S3 restore raw")):
+            s3s, loc = min(times[f"s3 {what}"]), min(times[f"local {what}"])
+            ratio = s3s / loc
+            self.add(Row(title, s3s, alloc if what != "inc" else 0,
+                         f"local {'incremental 1%' if what == 'inc' else what}", loc, ratio,
+                         f"<= {GOALS[goal_key]}", ratio <= GOALS[goal_key],
+                         {"samples": [round(x, 2) for x in times[f"s3 {what}"]],
+                          "local_samples": [round(x, 2) for x in times[f"local {what}"]]}))
+        noop = times["s3 noop"][0]
+        self.add(Row("S3 no-change incremental (CLI, warm cache)", noop, 0,
+                     "local no-change incremental", times["local noop"][0],
+                     noop / times["local noop"][0], f"<= {GOALS['noop_seconds']} s",
+                     noop <= GOALS["noop_seconds"]))
+        # One HEAD per disk is the commit's check that the disk's index is stored; any
+        # more would be lookups of chunks.
+        heads = max(((r or {}).get("HEAD", 0) for r in requests.values()
+                     if isinstance(r, dict)), default=0)
+        self.add(Row("S3 requests per backup", 0, 0,
+                     goal="HEAD per known chunk: 0 (1 per disk: the index check at commit)",
+                     ok=heads <= 1, extra=dict(requests)))
+        self.info["s3_requests"] = requests
+        self.info["gateway_cpu_seconds"] = gw
+
     def chunk_sweep(self) -> None:
         main = self.domains[0]
         alloc = self.info["allocated_bytes"]
@@ -817,8 +989,22 @@ class Bench:
             "cpu": {k: {"cpu_seconds": round(c, 2), "seconds": round(w, 2)}
                     for k, (c, w) in self.cpu.items()},
             "chunk_sweep": self.sweep,
+            "scale": self.scale,
         }
         return doc
+
+
+def render_scale(scale: list[dict[str, Any]]) -> str:
+    lines = ["| chunks | store | backups | step | s | peak RSS MiB | CPU s | notes |",
+             "|" + "---|" * 8]
+    for sc in scale:
+        info = sc["info"]
+        for r in sc["rows"]:
+            notes = (f"failed: {r['error']}" if r["rc"] else
+                     (f"removed {r['chunks_removed']}" if r.get("chunks_removed") else ""))
+            lines.append(f"| {sc['n']:,} | {sc['store']} | {info['backups']} | {r['step']} | "
+                         f"{r['seconds']:.2f} | {r['rss_mib']} | {r['cpu_seconds']} | {notes} |")
+    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
@@ -921,6 +1107,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encrypted", action="store_true",
                    help="also time full backup and restore on an encrypted repository "
                         "against an unencrypted one")
+    p.add_argument("--repo", metavar="URL",
+                   help="also back up to this S3 repository location (s3://BUCKET/PREFIX; "
+                        "a fresh prefix under it per run) and compare with a local one: full, "
+                        "no-change and 1%% incrementals, restore, requests per backup")
+    p.add_argument("--only", choices=("s3", "scale"),
+                   help="run only the S3 comparison (with --repo) or only the chunk-count "
+                        "scaling (with --scale; needs no libvirt)")
+    p.add_argument("--scale", metavar="N,N,...",
+                   help="chunk-count scaling: generate a repository of N chunks (100K, 1M, "
+                        "...) and time list, prune --dry-run, gc, verify, verify --data")
+    p.add_argument("--scale-repo", metavar="URL|DIR",
+                   help="where --scale builds its repository: s3://BUCKET/PREFIX or a "
+                        "directory (default: a new one in /var/tmp)")
     p.add_argument("--warm", action="store_true", help="do not drop page caches")
     p.add_argument("--workdir", help="work directory (default: a new one in /var/tmp)")
     p.add_argument("--keep", action="store_true",
@@ -929,11 +1128,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.repo is not None and not args.repo.startswith("s3://"):
+        p.error("--repo takes an s3://BUCKET/PREFIX location")
+    if args.only == "s3" and args.repo is None:
+        p.error("--only s3 needs --repo")
+    if args.only == "scale" and not args.scale:
+        p.error("--only scale needs --scale")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.only == "scale":
+        return main_scale(args)
     try:
         b = Bench(args)
     except libvirt.libvirtError as e:
@@ -943,10 +1150,16 @@ def main(argv: list[str] | None = None) -> int:
     failed: BaseException | None = None
     try:
         b.setup()
-        b.main_run()
-        if args.encrypted:
-            b.encrypted_run()
-        b.chunk_sweep()
+        if args.only is None:
+            b.main_run()
+        if args.repo:
+            b.s3_run()
+        if args.only is None:
+            if args.encrypted:
+                b.encrypted_run()
+            b.chunk_sweep()
+        if args.scale:
+            b.scale = scale_run(args)
     except BaseException as e:  # still report what was measured
         failed = e
     finally:
@@ -962,6 +1175,32 @@ def main(argv: list[str] | None = None) -> int:
         print(render(doc))
     except (KeyError, TypeError) as e:  # a partial run: the JSON has what was measured
         print(f"(no table: the run stopped early, {e!r})")
+    if doc["scale"]:
+        print("\n" + render_scale(doc["scale"]))
+    print(f"\nJSON: {path}")
+    if failed is not None:
+        raise failed
+    return 0
+
+
+def main_scale(args: argparse.Namespace) -> int:
+    """--only scale: the chunk-count scaling alone (no domain, no libvirt)."""
+    failed: BaseException | None = None
+    scale: list[dict[str, Any]] = []
+    try:
+        scale = scale_run(args)
+    except BaseException as e:
+        failed = e
+    doc: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
+                           "machine": machine(), "scale": scale}
+    if failed is not None:
+        doc["failed"] = repr(failed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-scale-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    if scale:
+        print(render_scale(scale))
     print(f"\nJSON: {path}")
     if failed is not None:
         raise failed

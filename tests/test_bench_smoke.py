@@ -60,3 +60,48 @@ def test_bench_says_when_libvirt_is_down(tmp_path: Path) -> None:
     [line] = [x for x in cp.stderr.splitlines() if x.startswith("bench:")]
     assert "cannot connect to libvirt" in line and "start-libvirtd.sh" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_scale_runs_at_10k(tmp_path: Path) -> None:
+    """--only scale: a generated repository of 10,000 chunks, every command timed."""
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--only", "scale", "--scale", "10K",
+         "--scale-repo", str(tmp_path / "scale"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    [path] = out.glob("bench-scale-*.json")
+    doc = json.loads(path.read_text())
+    [sc] = doc["scale"]
+    assert sc["n"] == 10_000 and sc["info"]["backups"] == 5
+    rows = {r["step"]: r for r in sc["rows"]}
+    assert set(rows) == {"list", "prune --dry-run", "gc --dry-run", "gc", "verify",
+                         "verify --data (one backup)"}
+    assert all(r["rc"] == 0 for r in rows.values()), rows
+    assert rows["gc"]["chunks_removed"] == sc["info"]["unreferenced"]
+    assert "| 10,000 | local | 5 | gc |" in cp.stdout
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_bench_s3_rows_at_64m(libvirt_conn: Any, s3_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--size", "64M", "--only", "s3", "--repo", s3_url,
+         "--repeat", "1", "--no-peer", "--warm", "--workdir", str(tmp_path / "work"),
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    [path] = out.glob("bench-64M-*.json")
+    doc = json.loads(path.read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    for want in ("S3 full backup", "S3 incremental after 1% rewritten", "S3 restore raw",
+                 "S3 no-change incremental (CLI, warm cache)", "S3 requests per backup"):
+        assert want in rows
+    req = rows["S3 requests per backup"]["extra"]
+    assert req["full"]["PUT"] > 0
+    # One HEAD per backup of one disk (the commit's check that the index is stored), none
+    # per chunk: the incremental stores chunks without asking for them first.
+    assert req["incremental 1%"].get("HEAD", 0) <= 1, req
+    assert req["no-change incremental"].get("HEAD", 0) <= 1, req
+    assert rows["S3 requests per backup"]["ok"] is True

@@ -129,3 +129,20 @@ def test_write_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         metrics.record_backup(str(path), _result("vm2"), None, now=2.0)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.prom"]
+
+
+def test_backups_add_to_the_totals_without_listing(tmp_path: Path) -> None:
+    path = tmp_path / "backupkit.prom"
+    # No totals yet: the caller must count once.
+    assert not metrics.add_backups(str(path), "s3://b/r", [{"stored_bytes": 5}])
+    metrics.record_repository(str(path), "s3://b/r",
+                              {"size_bytes": 1000, "chunks": 10, "backups": 2}, now=7.0)
+    assert metrics.add_backups(str(path), "s3://b/r", [
+        {"stored_bytes": 300, "stored_chunks": 3}, {"stored_bytes": 20, "stored_chunks": 1}])
+    fams = _families(path)
+    assert _value(fams, "backupkit_repository_size_bytes", repository="s3://b/r") == 1320
+    assert _value(fams, "backupkit_repository_chunks", repository="s3://b/r") == 14
+    assert _value(fams, "backupkit_repository_backups", repository="s3://b/r") == 4
+    # The time of the last count by listing stays: it says how old the baseline is.
+    assert _value(fams, "backupkit_repository_updated_timestamp_seconds",
+                  repository="s3://b/r") == 7.0

@@ -335,6 +335,9 @@ class _Backup:
         self.prefix = checkpoint_prefix(repo)
         self.host = req.host or config.this_host()
         self.uuid = self.dom.uuid()
+        # The latest backup when every chunk it names is stored: its indexes seed
+        # deduplication (Repository.seed_known), incremental or not.
+        self._known_from: Manifest | None = None
 
     # -- leftovers ----------------------------------------------------------------
 
@@ -491,6 +494,7 @@ class _Backup:
                                                  chains.of_domain(self.uuid, self.host))
         if unusable:
             self._warn(f"{unusable}; this backup is full")
+        self._known_from = prev
         no_parent = unusable
         if prev is None and unusable is None:
             no_parent = chains.other_chains(self.repo.backups(self.req.domain).manifests,
@@ -528,17 +532,21 @@ class _Backup:
         running = self.dom.is_active()
         disks = select_disks(self.dom.disks(), self.req.disks, self.req.exclude,
                              self.req.domain)
+        requests0 = self.repo.request_counts()
+        written0 = self.repo.chunks_written
         plan = self.plan(disks, running)
         backup_id = self.repo.new_backup_id()
         checkpoint = self.prefix + backup_id
         # Debug: the journal gets one line per backup, at its end (cli._log_summary).
         log.debug("%s: %s backup %s (%s)", self.req.domain, plan.mode, backup_id, plan.reason)
         prev_cp = plan.parent.checkpoint if plan.parent else None
+        self.repo.start_known()  # deduplication without lookups, under our shared lock
         try:
             if running:
                 manifest = self._run_live(disks, plan, backup_id, checkpoint)
             else:
                 manifest = self._run_cold(disks, plan, backup_id, checkpoint)
+            self.repo.forget_known()
         except BaseException:
             # Chunks of this run not yet published must never be published by a later
             # backup in this process: once we let go of the lock, gc may remove them.
@@ -567,6 +575,11 @@ class _Backup:
                            "it is complete, and nothing more is done")
         result = summary(manifest)
         result["parent_checkpoint"] = prev_cp
+        result["stored_chunks"] = self.repo.chunks_written - written0
+        requests = self.repo.request_counts()
+        if requests is not None and requests0 is not None:
+            result["requests"] = {k: v - requests0.get(k, 0) for k, v in sorted(requests.items())
+                                  if v - requests0.get(k, 0)}
         if self.warnings:
             result["warnings"] = self.warnings
         return result
@@ -595,6 +608,11 @@ class _Backup:
         if mode == "incremental":
             assert plan.parent
             parent_index = self.repo.load_index(plan.parent, disk.target)
+            self.repo.seed_known(parent_index)
+        elif self._known_from is not None and self._known_from.disk(disk.target) is not None:
+            # A full backup still need not send what the latest backup stored.
+            with contextlib.suppress(Error):
+                self.repo.seed_known(self.repo.load_index(self._known_from, disk.target))
         progress = None
         if self.hooks.progress_start:
             progress = self.hooks.progress_start(disk.target, client.size)

@@ -56,6 +56,19 @@ def default_workers() -> int:
     """
     return min(8, max(2, len(os.sched_getaffinity(0))))
 
+#: Chunk buffers that remote_workers' threads may hold at most, all together.
+REMOTE_BUFFERS = 256 * 1024 * 1024
+
+
+def remote_workers(repo: Repository) -> int:
+    """Workers for reading chunks from an object store: a worker waits for one GET at a
+    time and no kernel reads ahead of it, so as many as the store serves requests in
+    parallel, as long as their chunk buffers stay within REMOTE_BUFFERS."""
+    per_worker: int = 2 * repo.chunk_max  # a chunk buffer, and a slot buffer for pieces
+    concurrency: int = repo.storage.properties.concurrency
+    return max(2, min(concurrency, REMOTE_BUFFERS // per_worker))
+
+
 RAW_GRANULARITY = 4096  # filesystem block: zero blocks of this size are not written
 QCOW2_GRANULARITY = 65536  # qcow2 cluster size (QEMU's default), smaller only for smaller chunks
 # How far ahead of the workers the kernel is asked to read: the chunk files of the next
@@ -326,6 +339,8 @@ def restore(repo: Repository, domain: str, backup: str, target_dir: str, *,
         raise UsageError(f"unknown restore format {fmt!r} (choose {' or '.join(FORMATS)})")
     if workers is None:
         workers = default_workers()
+        if not repo.storage.properties.local:
+            workers = max(workers, remote_workers(repo))
     if workers < 1:
         raise UsageError("workers must be at least 1")
     if define:

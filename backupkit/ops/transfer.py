@@ -35,6 +35,17 @@ class _Names:
         self.map: dict[bytes, bytes] = {}
         self.buf = src.chunk_buffer()
         self.sent = self.sent_bytes = 0
+        self.seeded: set[str] = set()
+
+    def seed(self, domain: str) -> None:
+        """Chunks the target's backups of domain name are known: not asked for one by one."""
+        if domain in self.seeded:
+            return
+        self.seeded.add(domain)
+        for m in self.dst.backups(domain).manifests:
+            for rec in m.disks:
+                with contextlib.suppress(Error):
+                    self.dst.seed_known(self.dst.load_index(m, rec.name))
 
     def __call__(self, digest: bytes | None) -> bytes | None:
         if digest is None:
@@ -42,7 +53,7 @@ class _Names:
         got = self.map.get(digest)
         if got is not None:
             return got
-        if self.same and self.dst.has_chunk(digest):
+        if self.same and (self.dst.knows_chunk(digest) or self.dst.has_chunk(digest)):
             self.map[digest] = digest
             return digest
         data = self.src.read_chunk(digest, self.buf)
@@ -83,6 +94,7 @@ def _copy_one(src: Repository, dst: Repository, m: Manifest, names: _Names) -> d
         with contextlib.suppress(NotFound):
             dst.read_manifest(m.domain, m.id)
             return {"domain": m.domain, "id": m.id, "skipped": "already in the target"}
+        names.seed(m.domain)
         try:
             for rec in m.disks:
                 index = _translate(src.load_index(m, rec.name), names)
@@ -111,7 +123,10 @@ def copy(src: Repository, dst: Repository, domains: list[str], latest: int | Non
     names = _Names(src, dst)
     copied: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    with src.lock_read():
+    # The target's writer lock for the whole run too: the chunks known to be stored
+    # there (names.map, the seeded set) are checked by the commit if a gc swept meanwhile.
+    with src.lock_read(), dst.lock_shared():
+        dst.start_known()
         listing = src.backups()
         wanted = [m for m in listing.manifests if not domains or m.domain in domains]
         for d in domains:
@@ -135,6 +150,7 @@ def copy(src: Repository, dst: Repository, domains: list[str], latest: int | Non
             if "skipped" not in res:
                 log.info("copied %s/%s to %s: %d chunk(s) sent, checked", m.domain, m.id,
                          dst.path, res["chunks_sent"])
+        dst.forget_known()
     return {"from": src.path, "to": dst.path, "copied": copied, "skipped": skipped,
             "chunks_sent": names.sent, "bytes_sent": names.sent_bytes,
             "damaged_in_source": listing.damaged_json()}

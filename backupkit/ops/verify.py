@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from backupkit.errors import (
@@ -32,6 +32,7 @@ from backupkit.errors import (
     RepositoryError,
     UnsupportedFormat,
 )
+from backupkit.ops.restore import remote_workers
 from backupkit.repo import Index, Manifest, Repository, chains
 from backupkit.repo.repository import ChunkMissing
 from backupkit.workers import run_threads
@@ -40,6 +41,8 @@ log = logging.getLogger("backupkit.verify")
 
 MAX_PROBLEMS = 20  # distinct problem messages listed per damaged item
 MAX_CHUNKS_LISTED = 100  # missing chunks named per damaged disk (all are counted)
+#: Verifying every backup, with this many chunks or more, on an object store: one listing.
+LIST_MIN = 2000
 
 
 def _targets(repo: Repository, domain: str | None, backup: str | None,
@@ -85,12 +88,30 @@ ProgressStart = Callable[[str, int], Callable[[int], None] | None]
 
 
 def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, workers: int,
-                  progress_start: ProgressStart | None = None
+                  progress_start: ProgressStart | None = None, *, whole: bool = False
                   ) -> tuple[dict[bytes, str], set[bytes], int]:
-    """Bad digests with the reason, those of them whose file is there but damaged, bytes read."""
+    """Bad digests with the reason, those of them whose file is there but damaged, bytes read.
+
+    whole: every backup is verified, so the digests are about all the chunks stored.
+    """
     bad: dict[bytes, str] = {}
     damaged: set[bytes] = set()
-    it = iter(sorted(digests))  # sorted: walks the chunk directories in order
+    todo: Iterable[bytes] = digests
+    remote = not repo.storage.properties.local
+    if remote and not data and whole and len(digests) >= LIST_MIN:
+        # An object store answers one LIST per 1000 chunks, a HEAD per chunk otherwise
+        # (in parallel): when the whole repository is verified, the chunks are listed
+        # and only those the listing lacks are looked up one by one (and named).
+        unseen = set(digests)
+        for info in repo.storage.list("chunks/"):
+            name = info.key.rpartition("/")[2]
+            if len(name) == 64:
+                try:
+                    unseen.discard(bytes.fromhex(name))
+                except ValueError:
+                    continue
+        todo = unseen
+    it = iter(sorted(todo))  # sorted: walks the chunk directories in order
     lock = threading.Lock()
     read_total = 0
     progress = None
@@ -133,7 +154,8 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
             read_total += local
 
     with repo.storage.bulk():
-        run_threads("verify", [work] * max(1, workers if data else 1))
+        run_threads("verify", [work] * max(1, workers if data else 1,
+                                            remote_workers(repo) if remote else 1))
     return bad, damaged, read_total
 
 
@@ -283,7 +305,7 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
         good.append((m, readable))
 
     bad, damaged_chunks, read_bytes = _check_chunks(repo, digests, data, workers,
-                                                    progress_start)
+                                                    progress_start, whole=domain is None)
     quarantined, not_quarantined = _quarantine(repo, damaged_chunks)
     healed: set[bytes] = set()
     if repair and bad:

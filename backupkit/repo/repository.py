@@ -142,6 +142,16 @@ class Repository:
         self._writer_users = 0
         self._writer_mx = threading.Lock()
         self._registrations: dict[str, fleet.Registration] = {}
+        # Deduplication without asking the store (docs/format.md, "Deduplication"):
+        # chunks known to be stored, from the indexes seeded (built lazily, at the first
+        # put_chunk) and from what this process stored since.
+        self._known_lock = threading.Lock()
+        self._known: set[bytes] = set()
+        self._seeds: list[Index] = []
+        self._tracking = False  # between start_known() and forget_known(): a run's lock held
+        #: Chunks put_chunk wrote (or queued) and their bytes, for this process.
+        self.chunks_written = 0
+        self.bytes_written = 0
 
     # -- creation ------------------------------------------------------------
 
@@ -443,11 +453,59 @@ class Repository:
             d = self._zero_digests[n] = self.digest(bytes(n))
         return d
 
+    def start_known(self) -> None:
+        """A run begins under the shared lock: from now on chunks it stores are known,
+        and seed_known() adds the chunks of indexes.  Nothing known from before."""
+        with self._known_lock:
+            self._known = set()
+            self._seeds = []
+            self._tracking = True
+
+    def seed_known(self, index: Index) -> None:
+        """Trust that every chunk index names is stored: put_chunk will not look for them.
+
+        Only for the index of a committed backup that lacks no quarantined chunk
+        (backup_parent checks that).  Quarantined chunks not stored again are
+        left out all the same when the set is built: a seeded name can never stand
+        for a chunk verify moved aside.  Valid while the shared lock is held (gc
+        cannot remove a chunk a committed backup names); forget_known() ends it.
+        """
+        with self._known_lock:
+            if self._tracking:
+                self._seeds.append(index)
+
+    def forget_known(self) -> None:
+        """The run ends (or failed): drop every known chunk; put_chunk asks the store again."""
+        with self._known_lock:
+            self._known = set()
+            self._seeds = []
+            self._tracking = False
+
+    def knows_chunk(self, digest: bytes) -> bool:
+        """True if digest is known to be stored without asking the store."""
+        if self._seeds:
+            with self._known_lock:
+                if self._seeds:
+                    for idx in self._seeds:
+                        self._known.update(idx.digests())
+                    self._seeds = []
+                    self._known.difference_update(self.lost_chunks())
+        return digest in self._known
+
+    def _learn(self, digest: bytes) -> None:
+        with self._known_lock:
+            if self._tracking:
+                self._known.add(digest)
+
     def put_chunk(self, data: Buffer, level: int | None = None) -> tuple[bytes | None, int]:
         """Store one chunk: (its chunk hash, bytes newly written); (None, 0) for zeros.
 
         Thread-safe.  The chunk is published (made durable, then given its name)
         in batches, at the latest by the next write_index/commit (docs/format.md).
+        A known chunk (seed_known, or stored before by this process) costs no
+        request; an unknown one is written create-if-absent.  Only a local store
+        is asked first (a stat costs less than compressing the chunk); an object
+        store gets no HEAD: its If-None-Match PUT answers "exists" by itself.
         """
         n = memoryview(data).nbytes
         if not 0 < n <= self.chunk_size:
@@ -455,8 +513,11 @@ class Repository:
         digest = self.digest(data)
         if digest == self._zero_digest(n):
             return None, 0
+        if self.knows_chunk(digest):
+            return digest, 0
         key = chunk_key(digest)
-        if self.storage.exists(key):
+        if self.storage.properties.local and self.storage.exists(key):
+            self._learn(digest)
             return digest, 0
         comp = self._cctx(level).compress(data)
         if len(comp) < n:
@@ -466,7 +527,19 @@ class Repository:
         if self.encrypted:  # compressed first: ciphertext does not compress
             parts = self.key.seal_parts(parts, crypto.AD_CHUNK + digest)
         written = self.storage.put_if_absent(key, parts, deferred=True)
-        return digest, (sum(memoryview(p).nbytes for p in parts) if written else 0)
+        self._learn(digest)
+        if not written:
+            return digest, 0
+        size = sum(memoryview(p).nbytes for p in parts)
+        with self._known_lock:
+            self.chunks_written += 1
+            self.bytes_written += size
+        return digest, size
+
+    def request_counts(self) -> dict[str, int] | None:
+        """Requests sent to the store so far, by kind, if the store counts them (S3)."""
+        counts = getattr(self.storage, "request_counts", None)
+        return counts() if callable(counts) else None
 
     def has_chunk(self, digest: bytes) -> bool:
         return self.storage.exists(chunk_key(digest))
@@ -548,6 +621,8 @@ class Repository:
         """
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         dest = f"{QUARANTINE}/{digest.hex()}.{stamp}-{secrets.token_hex(3)}"
+        with self._known_lock:
+            self._known.discard(digest)
         try:
             self.storage.move(chunk_key(digest), dest)
         except NotFound:
@@ -626,7 +701,11 @@ class Repository:
     # -- indexes and manifests -------------------------------------------------
 
     def discard_pending(self) -> None:
-        """A backup failed: its chunks not yet published are dropped (gc may remove them)."""
+        """A backup failed: its chunks not yet published are dropped (gc may remove them).
+
+        They are forgotten as known too: a later run must store them again.
+        """
+        self.forget_known()
         self.storage.discard_pending()
 
     def write_index(self, domain: str, backup_id: str, disk: str, index: Index) -> dict[str, Any]:
@@ -666,6 +745,7 @@ class Repository:
             if size != d.index.get("size"):
                 raise OperationFailed(f"disk {d.name}: index {key} has {size} bytes, "
                                       f"manifest says {d.index.get('size')}")
+        self._check_known_still_stored(manifest)
         doc = json.dumps(manifest.to_json(), indent=1).encode() + b"\n"
         key = manifest_key(manifest.domain, manifest.id)
         if self.encrypted:
@@ -687,6 +767,29 @@ class Repository:
 
         # With the writer and domain locks held: gc's commit protocol (fleet.py).
         fleet.commit(self._registrations.get(manifest.domain), put, chunk_keys)
+
+    def _check_known_still_stored(self, manifest: Manifest) -> None:
+        """A chunk trusted as known that verify quarantined meanwhile is not committed.
+
+        verify --data runs beside backups: a chunk it moves aside after this run
+        took it as known would be missing from the new backup.  One listing of
+        quarantine/ (usually empty) tells; the new indexes are read only then.
+        """
+        with self._known_lock:
+            known = self._known
+        if not known:
+            return
+        lost = self.lost_chunks() & known
+        if not lost:
+            return
+        for rec in manifest.disks:
+            gone = lost & self.load_index(manifest, rec.name).digests()
+            if gone:
+                self.forget_known()
+                raise OperationFailed(
+                    f"disk {rec.name}: chunk {min(gone).hex()} was quarantined as damaged "
+                    "by verify during this backup; nothing was committed, and the next "
+                    "backup stores the data afresh")
 
     def read_manifest(self, domain: str, backup_id: str) -> Manifest:
         """One manifest by exact id; NotFound or CorruptRepository/UnsupportedFormat."""

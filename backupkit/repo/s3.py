@@ -151,6 +151,9 @@ class S3Storage:
         self._new_client_args = (session, settings.endpoint or None, config)
         self._clients = threading.local()
         self._answered = False  # the endpoint has answered once (_first_contact)
+        # Requests by kind, counted as they go on the wire (every attempt, retries too).
+        self._counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
         self._clients.client = self._new_client()
         self._uploads: dict[str, tuple[str, str]] = {}  # leftovers(): pseudo-key -> upload
         self._cond = threading.Condition()
@@ -164,6 +167,8 @@ class S3Storage:
         with _sessions_lock:  # a session is not thread-safe
             client = session.client("s3", endpoint_url=endpoint, config=config)
         client.meta.events.register_first("needs-retry.s3", self._first_contact)
+        client.meta.events.register("before-send.s3", self._count_request)
+        client.meta.events.register("after-call.s3.PutObject", self._count_put_answer)
         return client
 
     @property
@@ -193,6 +198,28 @@ class S3Storage:
         elif (not self._answered and attempts >= FIRST_CONTACT_ATTEMPTS
               and isinstance(caught_exception, botocore.exceptions.EndpointConnectionError)):
             raise caught_exception
+
+    # -- request counting -----------------------------------------------------------
+
+    def _count(self, kind: str) -> None:
+        with self._counts_lock:
+            self._counts[kind] = self._counts.get(kind, 0) + 1
+
+    def _count_request(self, request: Any, **_kw: Any) -> None:
+        method = str(getattr(request, "method", "") or "").upper()
+        if method == "GET" and "list-type=" in str(getattr(request, "url", "")):
+            method = "LIST"
+        self._count(method or "OTHER")
+
+    def _count_put_answer(self, http_response: Any, **_kw: Any) -> None:
+        if getattr(http_response, "status_code", 0) == 412:
+            self._count("PUT_EXISTED")  # a create-if-absent PUT found the object there
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests sent so far by kind: PUT, GET, HEAD, LIST, DELETE (every attempt),
+        and PUT_EXISTED: conditional PUTs answered 412 (the object was there)."""
+        with self._counts_lock:
+            return dict(self._counts)
 
     # -- naming and errors ----------------------------------------------------------
 
