@@ -314,3 +314,84 @@ def test_kill_9_mid_gc(fleet: Fleet, make_domain: MakeDomain, point: str) -> Non
     assert res["epoch"] >= 1
     assert fleet.lock_objects() == []
     fleet.all_sound()
+
+
+# (6) two hosts back up while a third prunes and collects, all at once ---------------
+
+def test_two_hosts_back_up_while_a_third_prunes_and_gcs(fleet: Fleet,
+                                                        make_domain: MakeDomain) -> None:
+    """Issue 18, section 5: host A and host B back up their domains again and again
+    (new data each time) while host C runs prune and gc in a loop, with no freezing and
+    no ordering between them.  Every backup and every gc succeeds (prune may find a
+    domain busy: exit 3), and afterwards verify --data is clean and every backup left
+    restores equal to its disk at that time."""
+    import threading
+
+    doms = {"host-a": make_domain([("qcow2", 8 * MiB)], running=False),
+            "host-b": make_domain([("qcow2", 8 * MiB)], running=False)}
+    # Both start from the same data: their backups share chunks, so gc's candidates
+    # (a pruned backup's chunks) are often chunks the other host is about to reuse.
+    for td in doms.values():
+        for i in range(4):
+            td.write("vda", i * MiB, MiB, 0x41 + i)
+    refs: dict[str, tuple[str, Path]] = {}
+    order: dict[str, list[str]] = {host: [] for host in doms}  # ids, oldest first
+    failures: list[str] = []
+    mx = threading.Lock()
+    done = threading.Event()
+
+    def backups(host: str, td: rig.TestDomain) -> None:
+        for i in range(5):
+            td.write("vda", (i % 4) * MiB + 4096 * i, 64 * 1024, 0x61 + i)
+            with mx:
+                ref = fleet.ref(td)
+            # --wait: prune holds the domain's lock for a moment (a timer would set lock_wait).
+            cp = fleet.run("--json", "backup", td.name, "--wait", "120",
+                           env={"BACKUPKIT_HOST": host})
+            if cp.returncode != 0:
+                failures.append(f"{host} backup {i}: exit {cp.returncode}: {cp.stderr}")
+                continue
+            with mx:
+                bid = json.loads(cp.stdout)["id"]
+                refs[bid] = (td.name, ref)
+                order[host].append(bid)
+
+    def collect() -> None:
+        for td in doms.values():
+            cp = fleet.run("--json", "prune", td.name, "--keep-last", "2",
+                           "--keep-hourly", "0", "--keep-daily", "0", "--keep-weekly",
+                           "0", "--keep-monthly", "0", "--keep-yearly", "0",
+                           env={"BACKUPKIT_HOST": "host-c"})
+            if cp.returncode not in (0, 3):  # 3: that domain's backup is running
+                failures.append(f"prune: exit {cp.returncode}: {cp.stderr}")
+        cp = fleet.run("--json", "gc", env={"BACKUPKIT_HOST": "host-c"})
+        if cp.returncode != 0:
+            failures.append(f"gc: exit {cp.returncode}: {cp.stderr}")
+
+    def collector() -> None:
+        rounds = 0
+        while not done.is_set() or rounds < 2:
+            collect()
+            rounds += 1
+
+    threads = [threading.Thread(target=backups, args=item) for item in doms.items()]
+    gc_thread = threading.Thread(target=collector)
+    gc_thread.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    gc_thread.join()
+    collect()  # once more after the last backup, nothing else running
+    assert failures == []
+    assert len(refs) == 10
+    listed = {b["id"]: b for b in fleet.json("list")["backups"]}
+    # Each domain keeps its two newest (the last prune ran after the last backup).
+    for host, td in doms.items():
+        kept = sorted(b for b in listed if listed[b]["domain"] == td.name)
+        assert kept == sorted(order[host][-2:])
+        assert {listed[b]["host"] for b in kept} == {host}
+    fleet.refs = {bid: refs[bid] for bid in listed}
+    fleet.all_sound()
+    assert fleet.json("gc", "--dry-run")["chunks_removed"] == 0
