@@ -19,6 +19,9 @@ MAX_CONFIG_SIZE = 1 << 20
 
 QUIESCE_VALUES = (True, False, "try")
 MODES = ("auto", "full", "incremental")
+#: Domains one ``backup --all`` backs up at once.  Measured on 2 cores (bench/RESULTS.md,
+#: ``--many``): see there for why this value.
+DEFAULT_JOBS = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Config:
     scratch_min_free: int = 512 << 20
     lock_wait: float = 0.0
     chunk_size: int = 1 << 20
+    jobs: int = DEFAULT_JOBS
     backup: DomainSettings = field(default_factory=DomainSettings)
     domains: dict[str, dict[str, Any]] = field(default_factory=dict)
     keep_last: int = 0
@@ -75,6 +79,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "scratch_min_free": ((int,), "bytes kept free on the scratch filesystem"),
     "lock_wait": ((int, float), "seconds to wait for a busy lock"),
     "chunk_size": ((int,), "chunk size for new repositories (bytes)"),
+    "jobs": ((int,), "domains backed up at once by backup --all or several DOMAINs"),
     "passphrase_file": ((str,), "file holding the passphrase of an encrypted repository"),
 }
 _BACKUP: dict[str, tuple[tuple[type, ...], str]] = {
@@ -176,6 +181,8 @@ def parse(doc: dict[str, Any], path: str) -> Config:
     sd = kw.get("scratch_dir")
     if sd is not None and (not sd.strip() or not os.path.isabs(sd)):
         raise ConfigError(f"scratch_dir must be an absolute directory path, not {sd!r}", path)
+    if not 1 <= kw.get("jobs", DEFAULT_JOBS) <= 64:
+        raise ConfigError("jobs must be between 1 and 64", path)
     if kw.get("scratch_min_free", 0) < 0:
         raise ConfigError("scratch_min_free must not be negative", path)
     for key in _PRUNE:

@@ -156,6 +156,10 @@ class S3Storage:
     def location(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
+
+    def reopen(self) -> S3Storage:
+        return S3Storage(self.bucket, self.prefix, self.settings)
+
     @property
     def lock_root(self) -> str:
         if os.geteuid() == 0:

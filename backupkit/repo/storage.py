@@ -92,6 +92,12 @@ class Storage(Protocol):
         """
         ...
 
+    def reopen(self) -> Storage:
+        """Another Storage of the same location with state of its own (its own batch of
+        deferred objects): for a second writer in the same process, so that one
+        writer's discard_pending() cannot drop what another wrote."""
+        ...
+
     def create(self, marker: str) -> None:
         """Get an empty location ready for a new repository (whose first object is marker).
 
@@ -324,6 +330,9 @@ class LocalStorage:
     @property
     def lock_root(self) -> str:
         return self.root
+
+    def reopen(self) -> LocalStorage:
+        return LocalStorage(self.root)
 
     def create(self, marker: str) -> None:
         path = self.root

@@ -42,6 +42,9 @@ class MemoryStorage:
         self._lock_root = os.path.join(tempfile.gettempdir(),
                                        f"bk-memstore-{os.getpid()}-{id(self.objects):x}")
 
+    def reopen(self) -> MemoryStorage:
+        return MemoryStorage(self.objects, self.name)
+
     @property
     def location(self) -> str:
         return f"memory://{self.name}"
