@@ -60,3 +60,32 @@ def test_bench_says_when_libvirt_is_down(tmp_path: Path) -> None:
     [line] = [x for x in cp.stderr.splitlines() if x.startswith("bench:")]
     assert "cannot connect to libvirt" in line and "start-libvirtd.sh" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_bench_scale_flags_run_small(libvirt_conn: Any, tmp_path: Path) -> None:
+    """--sparse and --many at toy sizes: every row is there (no timing assertions)."""
+    if not shutil.which("nbdcopy"):
+        pytest.skip("nbdcopy (libnbd-bin) is not installed")
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--sparse", "64G", "--sparse-data", "8M",
+         "--sparse-extents", "4", "--many", "2", "--many-size", "32M", "--many-jobs", "1,2",
+         "--repeat", "1", "--warm", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    [path] = out.glob("bench-scale-*.json")
+    doc = json.loads(path.read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    for want in ("full backup", "no-change incremental (warm cache)",
+                 "incremental after 1 % of the data rewritten", "restore qcow2", "restore raw",
+                 "verify (metadata)", "verify --data"):
+        assert f"sparse 64G: {want}" in rows, want
+    for fmt in ("qcow2", "raw"):
+        extra = rows[f"sparse 64G: restore {fmt}"]["extra"]
+        assert extra["identical_to_convert"] is True
+        assert extra["on_disk_bytes"] < 64 << 20  # sparse
+    assert doc["info"]["sparse"]["64G"]["index_bytes"] < 4096
+    assert "2 domains, backup --jobs 2" in rows and "2 domains, one run each (sum)" in rows
+    assert not (tmp_path / "work").exists()
