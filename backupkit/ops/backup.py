@@ -350,6 +350,7 @@ class _Backup:
         self._holding = False  # proc.hold_signals() from the commit on (see run())
         self.scratch = check_scratch_dir(req.scratch_dir)
         self.prefix = checkpoint_prefix(repo)
+        self.clean_disks: set[str] = set()  # see _unchanged_disks
 
     # -- leftovers ----------------------------------------------------------------
 
@@ -609,7 +610,7 @@ class _Backup:
         t = time.monotonic()
         res = copy_disk(client, self.repo, parent=parent_index, workers=self.req.workers,
                         level=self.req.compression_level,
-                        progress=progress)
+                        progress=progress, unchanged=disk.target in self.clean_disks)
         ref = self.repo.write_index(self.req.domain, backup_id, disk.target, res.index)
         log.debug("%s: disk %s %s: read %d bytes, stored %d bytes in %.1fs", self.req.domain,
                  disk.target, mode, res.read_bytes, res.stored_bytes, time.monotonic() - t)
@@ -724,6 +725,7 @@ class _Backup:
                 created = True
             watch.start()
             stored_cp_xml = self.dom.checkpoint_xml(checkpoint)
+            self.clean_disks = self._unchanged_disks(plan)
 
             def export(d: vxml.Disk, incremental: bool) -> Client:
                 return Client(sock, d.target, dirty=incremental)
@@ -754,6 +756,25 @@ class _Backup:
                        f"{self.scratch} (scratch_min_free {_mib(watch.margin)}); give it "
                        "more room")
         return manifest
+
+    def _unchanged_disks(self, plan: Plan) -> set[str]:
+        """Disks of a live incremental with nothing written since the parent's checkpoint.
+
+        Asked once the job has begun: the parent checkpoint's bitmaps only ever gain
+        bits, so none dirty now means none were dirty when the job froze its view.
+        Such a disk's index is its parent's, with no block status at all: the query
+        costs what the bitmap does, where block status costs a round trip per 4 GiB
+        of virtual size (2048 for 8 TiB).  Any doubt (an error): the usual way.
+        """
+        if plan.mode != "incremental" or plan.parent is None or not plan.parent.checkpoint:
+            return set()
+        try:
+            sizes = self.dom.checkpoint_size(plan.parent.checkpoint)
+        except Error as e:
+            log.debug("%s: checkpoint size unavailable (%s)", self.req.domain, e)
+            return set()
+        return {t for t, n in sizes.items() if n == 0
+                and plan.disk_modes.get(t, ("", ""))[0] == "incremental"}
 
     def _scratch_low(self, watch: ScratchWatch) -> NoSpace:
         return NoSpace(f"{self.req.domain}: scratch space ran low ({_mib(watch.tripped or 0)} "

@@ -131,8 +131,12 @@ def read_plan(segs: list[Segment], start: int, length: int, gap: int
 
 def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers: int = 2,
               connections: int = CONNECTIONS, progress: Progress | None = None,
-              level: int | None = None) -> CopyResult:
+              level: int | None = None, unchanged: bool = False) -> CopyResult:
     """Back up the export behind client; incremental when parent is given.
+
+    ``unchanged`` (with parent): the caller knows that nothing was written since the
+    parent (its checkpoint's bitmap is empty): the result is the parent's index, and
+    the export is not asked for anything.
 
     ``connections`` NBD connections (clones of client) read in parallel, each
     on its own thread that also hashes, compresses and stores what it read;
@@ -148,6 +152,10 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
                               f"({parent.virtual_size} -> {size} bytes); the next run is full")
     index = parent.copy() if parent is not None else Index(size, cs)
     result = CopyResult(index)
+    if unchanged and parent is not None:
+        if progress:
+            progress(size)
+        return result
     zeros = memoryview(bytes(cs))
     gap = min(COALESCE_GAP, cs // 4)
     lock = threading.Lock()  # the slot iterator, the index and the counters

@@ -82,18 +82,39 @@ def test_two_tib_sparse_disk_round_trip(
 
 def test_a_disk_of_zeros_backs_up_to_an_empty_index(
         make_domain: Callable[..., rig.TestDomain], repo_path: Path, conn: virt.Connection,
-        scratch_dir: Path, tmp_path: Path) -> None:
-    """8 TiB never written: nothing is read or stored, the incremental changes nothing."""
+        scratch_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 TiB never written: nothing is read or stored, the incremental changes nothing
+    and, its checkpoint's bitmap being empty, asks the export for no block status."""
+    from backupkit import nbd
+
     repo = Repository.init(str(repo_path), chunk_size=1 << 20)
     td = make_domain([("qcow2", 8 * TiB)])
     req = op.Request(domain=td.name, scratch_dir=str(scratch_dir))
     full = op.backup(repo, conn, req)
     assert full["read_bytes"] == 0 and full["disks"][0]["data_bytes"] == 0
+    asked: list[int] = []
+    real = nbd.Client.extents
+
+    def counted(self: nbd.Client, *a: Any, **kw: Any) -> Any:
+        asked.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(nbd.Client, "extents", counted)
     inc = op.backup(repo, conn, req)
     assert inc["mode"] == "incremental" and inc["read_bytes"] == 0
+    assert asked == []
+    # One write, and block status is back: the next incremental reads just that.
+    td.write("vda", 5 * TiB, 4096, 0x61)
+    inc2 = op.backup(repo, conn, req)
+    assert asked and 0 < inc2["read_bytes"] <= 1 << 20
+    monkeypatch.undo()
     idx = repo.load_index(repo.read_manifest(td.name, inc["id"]), "vda")
     assert idx.chunks == {} and idx.overlays == {}
     target = tmp_path / "out"
-    restore_op.restore(repo, td.name, "latest", str(target), fmt="raw")
+    restore_op.restore(repo, td.name, inc["id"], str(target), fmt="raw")
     assert (target / "vda.raw").stat().st_size == 8 * TiB
     assert _allocated(target / "vda.raw") == 0
+    target = tmp_path / "out2"
+    restore_op.restore(repo, td.name, "latest", str(target), fmt="qcow2")
+    ref = td.disk("vda").snapshot_reference(tmp_path / "ref.raw")
+    rig.compare(ref, target / "vda.qcow2", "qcow2")
