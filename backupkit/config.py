@@ -20,7 +20,7 @@ MAX_CONFIG_SIZE = 1 << 20
 QUIESCE_VALUES = (True, False, "try")
 MODES = ("auto", "full", "incremental")
 #: Domains one ``backup --all`` backs up at once.  Measured on 2 cores (bench/RESULTS.md,
-#: ``--many``): see there for why this value.
+#: ``--many 8``): 2 took 0.34-0.50 of the time of 1; 4 was not separable from the load.
 DEFAULT_JOBS = 2
 
 
