@@ -126,7 +126,7 @@ def build_parser() -> ArgumentParser:
                         "creation only")
     s.add_argument("--jobs", type=_jobs, default=None, metavar="N",
                    help="back up N domains at once (--all or several DOMAINs; default: "
-                        "config key jobs, else 2)")
+                        "config key jobs, else 4)")
     _wait(s)
     s.set_defaults(func=cmd_backup)
 

@@ -20,8 +20,9 @@ MAX_CONFIG_SIZE = 1 << 20
 QUIESCE_VALUES = (True, False, "try")
 MODES = ("auto", "full", "incremental")
 #: Domains one ``backup --all`` backs up at once.  Measured on 2 cores (bench/RESULTS.md,
-#: ``--many 8``): 2 took 0.34-0.50 of the time of 1; 4 was not separable from the load.
-DEFAULT_JOBS = 2
+#: ``--many 8``): 4 was the fastest in both runs that timed it (0.76 of the single runs'
+#: sum against 0.94 for 2 in the quietest run), at 126 MiB.
+DEFAULT_JOBS = 4
 
 
 @dataclass(frozen=True)
