@@ -48,6 +48,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64: {text!r}")
+    return value
+
+
 def _wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=_seconds, metavar="SECONDS", default=None,
                    help="wait up to SECONDS for a busy lock instead of exiting 3")
@@ -132,6 +142,9 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--quiesce", action="store_true", default=None,
                    help="freeze guest filesystems through the guest agent around checkpoint "
                         "creation only")
+    s.add_argument("--jobs", type=_jobs, default=None, metavar="N",
+                   help="back up N domains at once (--all or several DOMAINs; default: "
+                        "config key jobs, else 4)")
     _wait(s)
     s.set_defaults(func=cmd_backup)
 
@@ -492,8 +505,9 @@ def cmd_backup(args: argparse.Namespace, cfg: config.Config) -> Any:
                 log.error("%s: FAILED: %s", name, err)
             _metrics(cfg, res, (name, err) if err else None)
 
+        jobs = args.jobs or cfg.jobs
         try:
-            return op.backup_many(repo, conn, names, request, hooks, on_result)
+            return op.backup_many(repo, conn, names, request, hooks, on_result, jobs=jobs)
         finally:
             _repo_metrics(cfg, repo, done)
 

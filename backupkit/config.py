@@ -56,6 +56,10 @@ HOST_ENV = "BACKUPKIT_HOST"
 #: A host identity: what `list` shows and manifests record.  A subset of what a repository
 #: accepts as a name (backupkit.repo.names): safe as one path component, and printable.
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: Domains one ``backup --all`` backs up at once.  Measured on 2 cores (bench/RESULTS.md,
+#: ``--many 8``): 4 was the fastest in both runs that timed it (0.76 of the single runs'
+#: sum against 0.94 for 2 in the quietest run), at 126 MiB.
+DEFAULT_JOBS = 4
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Config:
     max_clock_skew: float | None = None
     gc_grace: float | None = None
     chunk_size: int = CHUNK_SIZE_DEFAULT
+    jobs: int = DEFAULT_JOBS
     backup: DomainSettings = field(default_factory=DomainSettings)
     domains: dict[str, dict[str, Any]] = field(default_factory=dict)
     keep_last: int = 0
@@ -125,6 +130,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "gc_grace": ((int, float), "gc keeps unreferenced objects younger than this, seconds "
                  "(default 3600; at least 2 * max_clock_skew)"),
     "chunk_size": ((int,), "chunk size for new repositories (bytes)"),
+    "jobs": ((int,), "domains backed up at once by backup --all or several DOMAINs"),
     "passphrase_file": ((str,), "file holding the passphrase of an encrypted repository"),
     "host": ((str,), "this host's name in the repository (else the machine's host name)"),
 }
@@ -230,6 +236,8 @@ def parse(doc: dict[str, Any], path: str) -> Config:
     sd = kw.get("scratch_dir")
     if sd is not None and (not sd.strip() or not os.path.isabs(sd)):
         raise ConfigError(f"scratch_dir must be an absolute directory path, not {sd!r}", path)
+    if not 1 <= kw.get("jobs", DEFAULT_JOBS) <= 64:
+        raise ConfigError("jobs must be between 1 and 64", path)
     if kw.get("scratch_min_free", 0) < 0:
         raise ConfigError("scratch_min_free must not be negative", path)
     for key in _PRUNE_COUNTS:

@@ -8,6 +8,7 @@ import logging
 import shlex
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Protocol
@@ -55,6 +56,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class _StopState:
     held = 0  # open hold_signals() calls
     pending: str | None = None  # a stop signal received while held
+    lock = threading.Lock()  # held is counted from several threads (backup --jobs)
 
 
 _stop = _StopState()
@@ -66,14 +68,16 @@ def hold_signals() -> None:
     filesystems frozen until their thaw, a backup's commit until its job has ended
     (an interrupt between them would delete the checkpoint a committed backup needs,
     or leave the job writing scratch data nobody watches)."""
-    _stop.held += 1
+    with _stop.lock:
+        _stop.held += 1
 
 
 def release_signals() -> str | None:
     """End one :func:`hold_signals`; the name of a stop signal received meanwhile once
     the last hold ends (the caller decides: raise, or finish and say so), else None."""
-    _stop.held -= 1
-    return _stop.pending if not _stop.held else None
+    with _stop.lock:
+        _stop.held -= 1
+        return _stop.pending if not _stop.held else None
 
 
 def stop_requested() -> str | None:

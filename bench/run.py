@@ -202,10 +202,14 @@ def layout(size: int, seed: int) -> list[tuple[int, int, str]]:
     return runs
 
 
-def fill_image(image: Path, size: int, seed: int, tmp: Path) -> dict[str, int]:
-    """Write the seeded layout into the qcow2 with qemu-io (the domain is not running)."""
+def fill_image(image: Path, size: int, seed: int, tmp: Path,
+               pool: bytes | None = None) -> dict[str, int]:
+    """Write the seeded layout into the qcow2 with qemu-io (the domain is not running).
+
+    ``pool``: the text to draw text runs from (default: made from the seed, 32 MiB)."""
     rnd = random.Random(seed + 1)
-    pool = text_pool(rnd, 32 * MiB)
+    if pool is None:
+        pool = text_pool(rnd, 32 * MiB)
     stats = {"zero": 0, "text": 0, "random": 0}
     batch: list[str] = []
     files: list[Path] = []
@@ -1035,8 +1039,12 @@ def render(doc: dict[str, Any]) -> str:
     a = doc["args"]
     info = doc["info"]
     m = doc["machine"]
+    if "allocated_bytes" not in info:  # a scale scenario: its rows say what they measured
+        info = {**info, "allocated_bytes": 0, "layout": {"text": 0, "random": 0}}
+    kinds = (f"{human(info['layout']['real'])} of /usr files in an ext4 image"
+             if "real" in info["layout"] else f"{human(info['layout']['text'])} text")
     lines.append(f"disk {a['size']} ({human(info['allocated_bytes'])} allocated: "
-                 f"{human(info['layout']['text'])} text, {human(info['layout']['random'])} "
+                 f"{kinds}, {human(info['layout']['random'])} "
                  f"random), chunk size {a['chunk_size']}, zstd level "
                  f"{a['compression_level'] or 'default (1)'}, caches "
                  f"{'warm' if a['warm'] else 'dropped before each timed step'}")
@@ -1075,6 +1083,17 @@ def render(doc: dict[str, Any]) -> str:
            f"{human(info['peer_final_z_size'])} after incrementals; without -z: "
            f"{human(info['peer_full_plain_size'])}" if "peer_full_z_size" in info else
            "; virtnbdbackup: not run"))
+    comp = info.get("compressors")
+    if comp:
+        lines.append("")
+        lines.append(f"Compressors on {human(comp['sample_bytes'])} of the real data "
+                     "(1 MiB chunks, one core):")
+        lines.append("")
+        lines.append("| codec | ratio | stored / data | MB/s | decompress MB/s |")
+        lines.append("|---|---|---|---|---|")
+        for c in comp["rows"]:
+            lines.append(f"| {c['codec']} | {c['ratio'] or ''} | {c.get('stored_fraction', '')}"
+                         f" | {c['mbps']} | {c.get('decompress_mbps', '')} |")
     if doc["chunk_sweep"]:
         lines.append("")
         lines.append("| chunk size | zstd level | full s | full MB/s | full RSS MiB | "
@@ -1125,6 +1144,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory and the main run's repository")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="JSON output directory")
+    s = p.add_argument_group("scale scenarios (issue 21; any of them replaces the main run)")
+    s.add_argument("--sparse", default="",
+                   help="huge sparse disks: comma-separated virtual sizes, e.g. 2T,8T")
+    s.add_argument("--sparse-data", default="1G",
+                   help="data on each sparse disk (default 1G)")
+    s.add_argument("--sparse-extents", type=int, default=64,
+                   help="extents the data of a sparse disk is spread in (default 64)")
+    s.add_argument("--many", type=int, default=0, metavar="N",
+                   help="N running domains backed up with --jobs 1, 2, 4 (e.g. 16)")
+    s.add_argument("--many-size", default="1G", help="disk size of each --many domain")
+    s.add_argument("--many-jobs", type=lambda t: [int(x) for x in t.split(",")],
+                   default=[1, 2, 4], help="--jobs values to time (default 1,2,4)")
+    r = p.add_argument_group("real-world data (replaces the synthetic layout of the main run)")
+    r.add_argument("--real-data", action="store_true",
+                   help="disk built from an ext4 image of this machine's /usr, random "
+                        "and never-written regions")
+    r.add_argument("--real-fs", default="2G", help="bytes of /usr files copied (default 2G)")
+    r.add_argument("--compressors", action="store_true",
+                   help="with --real-data: zstd level table (ratio, speed) on the real data")
+    r.add_argument("--compressor-levels", type=lambda t: [int(x) for x in t.split(",")],
+                   default=[-7, -5, -3, -1, 1, 2, 3, 6],
+                   help="zstd levels for --compressors (default -7,-5,-3,-1,1,2,3,6)")
+    r.add_argument("--compressor-sample", type=parse_size, default=512 * MiB,
+                   help="bytes of data sampled for --compressors (default 512M)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
@@ -1134,7 +1177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--only s3 needs --repo")
     if args.only == "scale" and not args.scale:
         p.error("--only scale needs --scale")
+    if args.compressors and not args.real_data:
+        p.error("--compressors needs --real-data")
     return args
+
+
+def scale_flags(args: argparse.Namespace) -> bool:
+    return bool(args.sparse or args.many)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1149,17 +1198,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed: BaseException | None = None
     try:
-        b.setup()
-        if args.only is None:
-            b.main_run()
-        if args.repo:
-            b.s3_run()
-        if args.only is None:
-            if args.encrypted:
-                b.encrypted_run()
-            b.chunk_sweep()
-        if args.scale:
-            b.scale = scale_run(args)
+        if scale_flags(args):
+            from bench import huge
+            for size in (x for x in args.sparse.split(",") if x):
+                huge.sparse_run(b, size)
+            if args.many:
+                huge.many_run(b)
+        else:
+            if args.real_data:
+                from bench import huge
+                huge.real_setup(b)
+            else:
+                b.setup()
+            if args.only is None:
+                b.main_run()
+            if args.repo:
+                b.s3_run()
+            if args.only is None:
+                if args.encrypted:
+                    b.encrypted_run()
+                b.chunk_sweep()
+            if args.scale:
+                b.scale = scale_run(args)
     except BaseException as e:  # still report what was measured
         failed = e
     finally:
@@ -1169,7 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["failed"] = repr(failed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{args.size}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    what = "huge" if scale_flags(args) else args.size
+    path = out / f"bench-{what}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     try:
         print(render(doc))

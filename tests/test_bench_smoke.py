@@ -105,3 +105,32 @@ def test_bench_s3_rows_at_64m(libvirt_conn: Any, s3_url: str, tmp_path: Path) ->
     assert req["incremental 1%"].get("HEAD", 0) <= 1, req
     assert req["no-change incremental"].get("HEAD", 0) <= 1, req
     assert rows["S3 requests per backup"]["ok"] is True
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_bench_scale_flags_run_small(libvirt_conn: Any, tmp_path: Path) -> None:
+    """--sparse and --many at toy sizes: every row is there (no timing assertions)."""
+    if not shutil.which("nbdcopy"):
+        pytest.skip("nbdcopy (libnbd-bin) is not installed")
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--sparse", "64G", "--sparse-data", "8M",
+         "--sparse-extents", "4", "--many", "2", "--many-size", "32M", "--many-jobs", "1,2",
+         "--repeat", "1", "--warm", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    [path] = out.glob("bench-huge-*.json")
+    doc = json.loads(path.read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    for want in ("full backup", "no-change incremental (warm cache)",
+                 "incremental after 1 % of the data rewritten", "restore qcow2", "restore raw",
+                 "verify (metadata)", "verify --data"):
+        assert f"sparse 64G: {want}" in rows, want
+    for fmt in ("qcow2", "raw"):
+        extra = rows[f"sparse 64G: restore {fmt}"]["extra"]
+        assert extra["identical_to_convert"] is True
+        assert extra["on_disk_bytes"] < 64 << 20  # sparse
+    assert doc["info"]["sparse"]["64G"]["index_bytes"] < 4096
+    assert "2 domains, backup --jobs 2" in rows and "2 domains, one run each (sum)" in rows
+    assert not (tmp_path / "work").exists()

@@ -160,6 +160,7 @@ def test_execstart_commands() -> None:
     (every,) = argvs["backupkit-backup-all.service"]
     args = cli.build_parser().parse_args(every[1:])
     assert args.command == "backup" and args.all and not args.domains
+    assert args.jobs is None, "the config key jobs decides how many domains run at once"
     prune, gc = argvs["backupkit-prune.service"]
     args = cli.build_parser().parse_args(prune[1:])
     assert args.command == "prune" and args.domain is None and not args.dry_run

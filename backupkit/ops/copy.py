@@ -14,7 +14,8 @@ export and qemu-nbd allow multi-conn); each reading thread hashes, compresses
 and stores the chunk it read (BLAKE3/hashlib, zstandard, socket and file I/O release
 the GIL), so reads, compression and writes of different chunks overlap.  Each
 thread reuses one chunk buffer and slots are taken one at a time from the
-streamed block status, so memory stays flat whatever the disk size.  Data
+streamed block status, so memory stays flat whatever the disk size; a stretch
+of zeros is one step however many slots it spans (holes cost nothing).  Data
 segments of a slot separated by small gaps are read in one request.
 """
 
@@ -25,8 +26,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from backupkit import faults
-from backupkit.errors import OperationFailed
+from backupkit import faults, proc
+from backupkit.errors import Interrupted, OperationFailed
 from backupkit.nbd import Client, Extent
 from backupkit.repo import Index, Repository
 from backupkit.repo.index import Piece
@@ -52,9 +53,19 @@ class Segment:
     zero: bool
 
 
-def slot_segments(extents: Iterable[Extent], chunk_size: int, dirty_only: bool
-                  ) -> Iterator[tuple[int, list[Segment]]]:
-    """Group extents into (slot, segments) pairs, splitting at chunk boundaries.
+@dataclass(frozen=True)
+class ZeroRun:
+    """Slots first..end-1 read as zeros from start to end: holes, whatever their number."""
+
+    first: int
+    end: int
+
+
+def slot_items(extents: Iterable[Extent], chunk_size: int, dirty_only: bool
+               ) -> Iterator[tuple[int, list[Segment]] | ZeroRun]:
+    """Group extents into (slot, segments) pairs, splitting at chunk boundaries; the
+    whole slots inside one zero extent come as one ZeroRun, so the work on an empty
+    stretch of the disk does not grow with its length.
 
     With dirty_only, clean extents are dropped and only touched slots appear.
     Slots are yielded in increasing order, each once.
@@ -67,6 +78,13 @@ def slot_segments(extents: Iterable[Extent], chunk_size: int, dirty_only: bool
         pos = ext.start
         while pos < ext.end:
             slot = pos // chunk_size
+            if ext.zero and pos == slot * chunk_size and ext.end // chunk_size > slot:
+                if segs:
+                    yield current, segs
+                    current, segs = -1, []
+                yield ZeroRun(slot, ext.end // chunk_size)
+                pos = ext.end // chunk_size * chunk_size
+                continue
             end = min(ext.end, (slot + 1) * chunk_size)
             if slot != current:
                 if segs:
@@ -76,6 +94,17 @@ def slot_segments(extents: Iterable[Extent], chunk_size: int, dirty_only: bool
             pos = end
     if segs:
         yield current, segs
+
+
+def slot_segments(extents: Iterable[Extent], chunk_size: int, dirty_only: bool
+                  ) -> Iterator[tuple[int, list[Segment]]]:
+    """slot_items with every zero run spelled out slot by slot."""
+    for item in slot_items(extents, chunk_size, dirty_only):
+        if isinstance(item, ZeroRun):
+            for slot in range(item.first, item.end):
+                yield slot, [Segment(slot * chunk_size, chunk_size, True)]
+        else:
+            yield item
 
 
 def read_plan(segs: list[Segment], start: int, length: int, gap: int
@@ -104,8 +133,12 @@ def read_plan(segs: list[Segment], start: int, length: int, gap: int
 
 def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers: int = 2,
               connections: int = CONNECTIONS, progress: Progress | None = None,
-              level: int | None = None) -> CopyResult:
+              level: int | None = None, unchanged: bool = False) -> CopyResult:
     """Back up the export behind client; incremental when parent is given.
+
+    ``unchanged`` (with parent): the caller knows that nothing was written since the
+    parent (its checkpoint's bitmap is empty): the result is the parent's index, and
+    the export is not asked for anything.
 
     ``connections`` NBD connections (clones of client) read in parallel, each
     on its own thread that also hashes, compresses and stores what it read;
@@ -121,13 +154,17 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
                               f"({parent.virtual_size} -> {size} bytes); the next run is full")
     index = parent.copy() if parent is not None else Index(size, cs)
     result = CopyResult(index)
+    if unchanged and parent is not None:
+        if progress:
+            progress(size)
+        return result
     zeros = memoryview(bytes(cs))
     gap = min(COALESCE_GAP, cs // 4)
     lock = threading.Lock()  # the slot iterator, the index and the counters
     stop = threading.Event()
     stored_chunks = [0]
     reserved = [0]  # pieces promised to slots in flight (Index.can_add_pieces)
-    slots = slot_segments(client.extents(), cs, dirty_only=incremental)
+    slots = slot_items(client.extents(), cs, dirty_only=incremental)
 
     # client serves block status only; data is read over clones of it, so a thread
     # asking for the next slot never waits behind another thread's data read.
@@ -145,7 +182,16 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
 
     def next_slot() -> tuple[int, list[Segment]] | None:
         with lock:
-            return next(slots, None)
+            while True:
+                item = next(slots, None)
+                if not isinstance(item, ZeroRun):
+                    return item
+                # Whole slots of zeros: holes.  A new index has nothing there; an
+                # incremental's copy of its parent's drops what it had (cost: that).
+                if incremental:
+                    index.clear_range(item.first, item.end)
+                if progress:
+                    progress(min(item.end * cs, size) - item.first * cs)
 
     def _done(length: int) -> None:
         if progress:
@@ -228,6 +274,11 @@ def copy_disk(client: Client, repo: Repository, *, parent: Index | None, workers
         buf = bytearray(cs)  # reused for every chunk of this thread
         scratch = bytearray(repo.chunk_max)  # reading back a slot's chunks from the repository
         while not stop.is_set():
+            # A stop signal reaches only the main thread: a backup running on a
+            # worker thread (backup --jobs) learns of it here, chunk by chunk.
+            stopped = proc.stop_requested()
+            if stopped:
+                raise Interrupted(stopped)
             item = next_slot()
             if item is None:
                 return

@@ -70,9 +70,11 @@ class _Names:
 
 def _translate(index: Index, names: _Names) -> Index:
     new = index.copy()
-    new.entries = [names(d) for d in index.entries]
+    for slot, d in index.chunks.items():
+        new[slot] = names(d)
     new.overlays = {slot: [(off, n, names(d)) for off, n, d in pieces]
                     for slot, pieces in index.overlays.items()}
+    new.npieces = index.npieces
     return new
 
 

@@ -285,6 +285,17 @@ class Repository:
                 "configured (--passphrase-file or passphrase_file): check that this is the "
                 "repository meant, or drop the passphrase setting")
 
+    def sibling(self) -> Repository:
+        """The same repository through a Storage of its own, for a second backup running
+        at once in this process (``backup --jobs``): each has its own batch of chunks
+        not yet published, so one backup's failure (discard_pending) cannot drop
+        another's.  An encrypted repository is unlocked first, once for all."""
+        key = self.key if self.encrypted else None
+        new = Repository(self.path, self.storage.reopen(), self.config, key)
+        new._passphrase = self._passphrase
+        new.lock_settings = self.lock_settings
+        return new
+
     # -- keys (encrypted repositories) ------------------------------------------
 
     @property

@@ -227,6 +227,10 @@ class S3Storage:
     def location(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
+
+    def reopen(self) -> S3Storage:
+        return S3Storage(self.bucket, self.prefix, self.settings)
+
     def _key(self, key: str) -> str:
         parts = key.split("/")
         if any(not p or p in (".", "..") or "\0" in p for p in parts):

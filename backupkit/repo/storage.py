@@ -86,6 +86,12 @@ class Storage(Protocol):
         """Where the store is, for messages: a path or a URL such as s3://bucket/prefix."""
         ...
 
+    def reopen(self) -> Storage:
+        """Another Storage of the same location with state of its own (its own batch of
+        deferred objects): for a second writer in the same process, so that one
+        writer's discard_pending() cannot drop what another wrote."""
+        ...
+
     def create(self, marker: str) -> None:
         """Get an empty location ready for a new repository (whose first object is marker).
 
@@ -320,6 +326,9 @@ class LocalStorage:
     @property
     def location(self) -> str:
         return self.root
+
+    def reopen(self) -> LocalStorage:
+        return LocalStorage(self.root)
 
     def create(self, marker: str) -> None:
         path = self.root

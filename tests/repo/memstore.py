@@ -47,6 +47,9 @@ class MemoryStorage:
         self._pending: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
+    def reopen(self) -> MemoryStorage:
+        return MemoryStorage(self.objects, self.name)
+
     @property
     def location(self) -> str:
         return f"memory://{self.name}"

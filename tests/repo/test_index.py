@@ -1,4 +1,4 @@
-"""Index pieces: merging, the per-slot cap, and the version 1/2 encodings (pure logic)."""
+"""Index pieces: merging, the per-slot cap, and the version 1/2/3 encodings (pure logic)."""
 
 from __future__ import annotations
 
@@ -55,17 +55,83 @@ def test_pieces_must_fit_their_slot(piece: tuple[int, int, bytes]) -> None:
         Index(CS, CS, [A]).add_pieces(0, [piece])
 
 
-def test_version_1_without_pieces_version_2_with() -> None:
+def test_old_versions_round_trip_and_read_as_the_new_one() -> None:
+    """Versions 1 (no pieces) and 2 (pieces) are still read; version 3 is written."""
     idx = Index(2 * CS + 512, CS, [A, None, B])
-    data = idx.to_bytes()
-    assert struct.unpack_from("<I", data, 8)[0] == 1
+    v1 = idx.to_bytes(version=1)
+    assert struct.unpack_from("<I", v1, 8)[0] == 1
+    assert Index.from_bytes(v1) == idx
     idx.add_pieces(2, [(0, 512, None)])
     idx.add_pieces(1, [(4096, 8192, C), (0, 100, A)])
-    data = idx.to_bytes()
-    assert struct.unpack_from("<I", data, 8)[0] == 2
-    back = Index.from_bytes(data)
-    assert back == idx and back.pieces(1) == [(4096, 8192, C), (0, 100, A)]
-    assert back.copy() == idx
+    with pytest.raises(ValueError):
+        idx.to_bytes(version=1)
+    v2, v3 = idx.to_bytes(version=2), idx.to_bytes()
+    assert struct.unpack_from("<I", v2, 8)[0] == 2 and struct.unpack_from("<I", v3, 8)[0] == 3
+    for data in (v2, v3):
+        back = Index.from_bytes(data)
+        assert back == idx and back.pieces(1) == [(4096, 8192, C), (0, 100, A)]
+        assert back.npieces == idx.npieces == 3
+        assert back.copy() == idx
+        assert list(back) == [A, None, B]
+
+
+@pytest.mark.parametrize("entries", [
+    [], [None], [A], [None, None, None], [A, A, None, B, None, None, C, C, C],
+    [None, A, None, A, None], [A] * 5,
+])
+def test_version_3_round_trips(entries: list[bytes | None]) -> None:
+    idx = Index(len(entries) * CS, CS, entries)
+    back = Index.from_bytes(idx.to_bytes(), virtual_size=len(entries) * CS, chunk_size=CS)
+    assert back == idx and list(back) == entries
+    assert Index.from_bytes(idx.to_bytes(version=1)) == idx
+
+
+def test_a_huge_sparse_index_costs_its_data_not_its_size() -> None:
+    """8 TiB in 1 MiB slots, 1 GiB of data in 64 runs: the file and the object are small."""
+    size = 8 << 40
+    idx = Index(size, CS)
+    data = {}
+    for k in range(64):
+        first = k * (len(idx) // 64) + 7
+        for i in range(first, first + 16):
+            data[i] = bytes([k + 1]) * 16 + i.to_bytes(16, "little")
+            idx[i] = data[i]
+    idx.add_pieces(len(idx) - 1, [(0, 4096, B)])
+    assert len(idx) == 8 << 20 and idx.runs()[:2] == [(7, 16), (len(idx) // 64 + 7, 16)]
+    blob = idx.to_bytes()
+    assert len(blob) < 64 * 1024  # 1024 digests, 64 runs and a piece
+    back = Index.from_bytes(blob, virtual_size=size, chunk_size=CS)
+    assert back == idx and back.chunks == data
+    assert [s for s, _, _ in back.slots()] == [*sorted(data), len(idx) - 1]
+    assert back.data_bytes == 1024 * CS + 4096
+    back.clear_range(0, len(back))  # one step, whatever the number of slots
+    assert back.chunks == {} and back.overlays == {} and back.npieces == 0
+
+
+def _v3(count: int, runs: list[tuple[int, int]], digests: bytes, pieces: bytes = b"",
+        npieces: int | None = None) -> bytes:
+    header = struct.pack("<8sIIQQ", INDEX_MAGIC, 3, CS, count * CS, count)
+    payload = struct.pack("<QQ", len(runs), len(pieces) // 48 if npieces is None else npieces)
+    payload += b"".join(struct.pack("<QQ", f, n) for f, n in runs) + digests + pieces
+    return header + zstandard.ZstdCompressor(write_content_size=True).compress(payload)
+
+
+@pytest.mark.parametrize("runs, digests, pieces, npieces, match", [
+    ([(0, 2), (1, 1)], A * 3, b"", None, "out of order or range"),
+    ([(3, 2)], A * 2, b"", None, "out of order or range"),
+    ([(0, 0)], b"", b"", None, "out of order or range"),
+    ([(0, 2)], A, b"", None, "tables say"),
+    ([(0, 1)], A + B, b"", None, "tables say"),
+    ([(0, 1)], bytes(32), b"", None, "hole digest"),
+    ([(0, 1)], A, struct.pack("<QII32s", 0, 0, 10, B), 2, "tables say"),
+    ([(0, 1)], A, struct.pack("<QII32s", 9, 0, 10, B), None, "out of order or range"),
+    ([(0, 1)] * 5, A * 5, b"", None, "do not fit"),
+])
+def test_bad_version_3_tables_are_format_errors(
+        runs: list[tuple[int, int]], digests: bytes, pieces: bytes, npieces: int | None,
+        match: str) -> None:
+    with pytest.raises(IndexFormatError, match=match):
+        Index.from_bytes(_v3(4, runs, digests, pieces, npieces))
 
 
 def _v2(count: int, size: int, table: bytes, version: int = 2) -> bytes:
@@ -95,8 +161,8 @@ def test_pieces_in_a_version_1_index_are_not_read_as_pieces() -> None:
 
 
 def test_newer_version_is_refused() -> None:
-    with pytest.raises(UnsupportedFormat, match="version 3 is newer"):
-        Index.from_bytes(_v2(1, CS, b"", version=3))
+    with pytest.raises(UnsupportedFormat, match="version 4 is newer"):
+        Index.from_bytes(_v2(1, CS, b"", version=4))
     assert HEADER_SIZE == 32
 
 
