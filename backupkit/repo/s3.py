@@ -309,7 +309,9 @@ class S3Storage:
             # 412 after a retry: it may be our own first attempt, whose answer was lost;
             # then the stored object holds our bytes.
             try:
-                return self._get_bytes(key, len(body)) == body
+                # settle=False: this very upload is pending; waiting for it would wait
+                # for ourselves (a hang seen after a gateway restart).
+                return self._get_bytes(key, len(body), settle=False) == body
             except (NotFound, CorruptRepository):
                 return False
 
@@ -393,9 +395,12 @@ class S3Storage:
             raise NotFound("file", key)
         return n
 
-    def _open(self, key: str, max_size: int) -> tuple[Any, int]:
-        """A GET's streaming body and its length; NotFound, CorruptRepository if too big."""
-        if key in self._pending:
+    def _open(self, key: str, max_size: int, settle: bool = True) -> tuple[Any, int]:
+        """A GET's streaming body and its length; NotFound, CorruptRepository if too big.
+
+        settle: first wait for a deferred upload of this key (never from an upload
+        thread reading back its own object)."""
+        if settle and key in self._pending:
             self._wait_idle()
         with self._errors(f"reading {key}"):
             try:
@@ -414,8 +419,8 @@ class S3Storage:
                 path=self.location)
         return body, size
 
-    def _get_bytes(self, key: str, max_size: int) -> bytes:
-        body, size = self._open(key, max_size)
+    def _get_bytes(self, key: str, max_size: int, settle: bool = True) -> bytes:
+        body, size = self._open(key, max_size, settle)
         with self._errors(f"reading {key}"):
             try:
                 data: bytes = body.read()
