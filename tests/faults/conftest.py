@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,18 +169,7 @@ class Bk:
         """Start the CLI and wait until it has stopped itself at a fault point."""
         p = self.spawn(*args, env={"BACKUPKIT_FAULT_POINT": point,
                                    "BACKUPKIT_FAULT_ACTION": "stop"})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                _out, err = p.communicate()
-                raise AssertionError(f"exited {p.returncode} before {point}: {err}")
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{p.pid}/stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "T":
-                    return p
-            time.sleep(0.02)
-        p.kill()
-        raise AssertionError(f"never reached {point}")
+        return rig.wait_stopped(p, point, 60)
 
     # -- the three checks ---------------------------------------------------
 

@@ -11,7 +11,6 @@ in-memory store: tests/repo/test_gc_protocol.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -77,18 +76,7 @@ class Fleet:
         """Start the CLI; return once it has stopped itself at the fault point."""
         p = self.spawn(*args, env={faults.ENV_POINT: point, faults.ENV_ACTION: "stop",
                                    **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                _out, err = p.communicate()
-                raise AssertionError(f"{args} exited {p.returncode} before {point}: {err}")
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{p.pid}/stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "T":
-                    return p
-            time.sleep(0.02)
-        p.kill()
-        raise AssertionError(f"never reached {point}")
+        return rig.wait_stopped(p, point, 120, what=f"{args} ")
 
     @staticmethod
     def resume(p: subprocess.Popen[str]) -> tuple[int, str, str]:
