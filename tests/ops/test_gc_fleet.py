@@ -134,6 +134,18 @@ def twins(make_domain: MakeDomain) -> Iterator[rig.TestDomain]:
         yield td
 
 
+def twin_of_a_deleted_backup(fleet: Fleet, make_domain: MakeDomain) -> rig.TestDomain:
+    """Twin A is backed up and that backup deleted (its chunks become gc's candidates);
+    the other twin, B, with the same data, is returned."""
+    gen = twins(make_domain)
+    a, b = next(gen), next(gen)
+    a_id = fleet.backup(a)
+    fleet.json("delete", a.name, a_id)
+    del fleet.refs[a_id]
+    fleet.tick()
+    return b
+
+
 GC_REMOVED = ("gc removed {n} chunks this backup reuses while it ran; nothing was "
               "committed; run the backup again")
 
@@ -187,12 +199,7 @@ def test_backup_commits_while_gc_is_frozen_after_the_mark(fleet: Fleet,
                                                          make_domain: MakeDomain) -> None:
     """A's backup is deleted: its chunks are gc's candidates.  gc freezes after the
     mark; B (same data) reuses them and commits; gc resumes and keeps them."""
-    gen = twins(make_domain)
-    a, b = next(gen), next(gen)
-    a_id = fleet.backup(a)
-    fleet.json("delete", a.name, a_id)
-    del fleet.refs[a_id]
-    fleet.tick()
+    b = twin_of_a_deleted_backup(fleet, make_domain)
     g = fleet.stopped_at("gc_after_mark", "gc")
     try:
         fleet.backup(b)
@@ -209,12 +216,7 @@ def test_backup_during_the_sweep_waits_and_checks(fleet: Fleet,
     """gc freezes with the epoch saying "sweeping", before it deletes A's chunks.  B
     starts then, reuses them and freezes before its commit; the sweep deletes them (B
     was not committed when gc looked); B then fails with one line, commits nothing."""
-    gen = twins(make_domain)
-    a, b = next(gen), next(gen)
-    a_id = fleet.backup(a)
-    fleet.json("delete", a.name, a_id)
-    del fleet.refs[a_id]
-    fleet.tick()
+    b = twin_of_a_deleted_backup(fleet, make_domain)
     g = fleet.stopped_at("gc_before_sweep", "gc")
     try:
         bp = fleet.stopped_at("before_commit", "backup", b.name)
