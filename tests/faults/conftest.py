@@ -185,6 +185,15 @@ class Bk:
                 rig.compare(ref, target / f"{disk}.raw", "raw")
             subprocess.run(["rm", "-rf", str(target)], check=True)
 
+    def next_run(self, td: rig.TestDomain, conn: Any) -> dict[str, Any]:
+        """(2) and (3): the next backup needs no repair and is incremental; then every
+        backup is sound and nothing is left behind."""
+        nxt = self.backup(td)
+        assert nxt["mode"] == "incremental", nxt["reason"]
+        self.survivors(td)
+        self.nothing_left(td, conn)
+        return nxt
+
     def nothing_left(self, td: rig.TestDomain, conn: Any) -> None:
         """(3) no lock, no job, no stale checkpoint, no scratch file; gc removes the rest."""
         from backupkit import virt
