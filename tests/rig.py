@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,27 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 URI = os.environ.get("BACKUPKIT_TEST_URI", "qemu:///system")
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+def wait_stopped(p: subprocess.Popen[str], point: str, timeout: float,
+                 what: str = "") -> subprocess.Popen[str]:
+    """Return *p* once it has stopped itself (SIGSTOP, state ``T``) at fault *point*.
+
+    It must not exit first; it must get there within *timeout* seconds (else it is
+    killed). *what* names the run in the failure message.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            _out, err = p.communicate()
+            raise AssertionError(f"{what}exited {p.returncode} before {point}: {err}")
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{p.pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "T":
+                return p
+        time.sleep(0.02)
+    p.kill()
+    raise AssertionError(f"never reached {point}")
 
 
 def virt_type() -> str:

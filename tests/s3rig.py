@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import os
 import secrets
 import shutil
@@ -161,22 +162,19 @@ def own_gateway(workdir: str) -> Iterator[OwnGateway]:
         gw.kill()
 
 
-class HoldingProxy:
-    """An HTTP proxy in front of the gateway that forwards every request and, for the
-    first one ``hold(method, path)`` picks, holds the answer back: ``held`` is set
-    once the gateway has done that request, and the client gets no answer until
-    ``release`` is set (then its connection is dropped).  A test kills the client
-    while it waits: a kill right after a known request took effect."""
+class ForwardingProxy:
+    """An HTTP proxy in front of the gateway: ``handle`` gets each request (default:
+    forward it and pass the answer back); subclasses put faults into the traffic with
+    ``read_body``, ``forward`` and ``answer``."""
 
-    def __init__(self, upstream: str, hold: Callable[[str, str], bool]) -> None:
+    timeout = 60
+
+    def __init__(self, upstream: str) -> None:
         import http.server
         import threading
 
         u = urllib.parse.urlsplit(upstream)
-        host, port = u.hostname or "127.0.0.1", u.port or 80
-        self.held = threading.Event()
-        self.release = threading.Event()
-        lock = threading.Lock()
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -186,33 +184,7 @@ class HoldingProxy:
                 return None
 
             def _any(self) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
-                conn = http.client.HTTPConnection(host, port, timeout=60)
-                conn.putrequest(self.command, self.path, skip_host=True,
-                                skip_accept_encoding=True)
-                for k, v in self.headers.items():
-                    conn.putheader(k, v)
-                conn.endheaders(body if body else None)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                with lock:
-                    mine = not proxy.held.is_set() and hold(self.command, self.path)
-                    if mine:
-                        proxy.held.set()
-                if mine:
-                    proxy.release.wait()
-                    self.close_connection = True
-                    return
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                proxy.handle(self)
 
             do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _any
 
@@ -222,7 +194,72 @@ class HoldingProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        self.answer(h, *self.forward(h, self.read_body(h)))
+
+    @staticmethod
+    def read_body(h: http.server.BaseHTTPRequestHandler) -> bytes:
+        n = int(h.headers.get("Content-Length") or 0)
+        return h.rfile.read(n) if n else b""
+
+    def forward(self, h: http.server.BaseHTTPRequestHandler, body: bytes
+                ) -> tuple[http.client.HTTPResponse, bytes]:
+        """Do the request on the gateway; its answer and body."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
+        for k, v in h.headers.items():
+            conn.putheader(k, v)
+        conn.endheaders(body if body else None)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp, data
+
+    @staticmethod
+    def answer(h: http.server.BaseHTTPRequestHandler, resp: http.client.HTTPResponse,
+               data: bytes) -> None:
+        h.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(data)
+
     def close(self) -> None:
-        self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class HoldingProxy(ForwardingProxy):
+    """A proxy in front of the gateway that forwards every request and, for the
+    first one ``hold(method, path)`` picks, holds the answer back: ``held`` is set
+    once the gateway has done that request, and the client gets no answer until
+    ``release`` is set (then its connection is dropped).  A test kills the client
+    while it waits: a kill right after a known request took effect."""
+
+    def __init__(self, upstream: str, hold: Callable[[str, str], bool]) -> None:
+        import threading
+
+        self.hold = hold
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        super().__init__(upstream)
+
+    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        resp, data = self.forward(h, self.read_body(h))
+        with self.lock:
+            mine = not self.held.is_set() and self.hold(h.command, h.path)
+            if mine:
+                self.held.set()
+        if mine:
+            self.release.wait()
+            h.close_connection = True
+            return
+        self.answer(h, resp, data)
+
+    def close(self) -> None:
+        self.release.set()
+        super().close()

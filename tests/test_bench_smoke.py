@@ -15,20 +15,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def bench(tmp_path: Path, report: str, *args: str, timeout: int
+          ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``bench.run *args --out tmp_path/out``: it must succeed and write one JSON
+    report matching the glob *report*; the run and that report."""
+    cp = subprocess.run([sys.executable, "-m", "bench.run", *args, "--out", str(tmp_path / "out")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    [path] = (tmp_path / "out").glob(report)
+    return cp, json.loads(path.read_text())
+
+
 @pytest.mark.libvirt
 @pytest.mark.slow
 def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
     if not shutil.which("nbdcopy"):
         pytest.skip("nbdcopy (libnbd-bin) is not installed")
-    out = tmp_path / "out"
-    cp = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--size", "64M", "--sweep", "256K", "--no-peer",
-         "--warm", "--encrypted", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert cp.returncode == 0, cp.stderr[-4000:]
+    cp, doc = bench(tmp_path, "bench-64M-*.json", "--size", "64M", "--sweep", "256K",
+                    "--no-peer", "--warm", "--encrypted", "--workdir", str(tmp_path / "work"),
+                    timeout=120)
     assert "| backupkit full backup |" in cp.stdout
-    [path] = out.glob("bench-64M-*.json")
-    doc = json.loads(path.read_text())
     names = {r["name"] for r in doc["rows"]}
     for want in ("nbdcopy export -> file (copy limit)", "backupkit full backup",
                  "incremental after 1% rewritten", "incremental after 10% rewritten",
@@ -64,14 +70,8 @@ def test_bench_says_when_libvirt_is_down(tmp_path: Path) -> None:
 
 def test_bench_scale_runs_at_10k(tmp_path: Path) -> None:
     """--only scale: a generated repository of 10,000 chunks, every command timed."""
-    out = tmp_path / "out"
-    cp = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--only", "scale", "--scale", "10K",
-         "--scale-repo", str(tmp_path / "scale"), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert cp.returncode == 0, cp.stderr[-4000:]
-    [path] = out.glob("bench-scale-*.json")
-    doc = json.loads(path.read_text())
+    cp, doc = bench(tmp_path, "bench-scale-*.json", "--only", "scale", "--scale", "10K",
+                    "--scale-repo", str(tmp_path / "scale"), timeout=300)
     [sc] = doc["scale"]
     assert sc["n"] == 10_000 and sc["info"]["backups"] == 5
     rows = {r["step"]: r for r in sc["rows"]}
@@ -85,15 +85,9 @@ def test_bench_scale_runs_at_10k(tmp_path: Path) -> None:
 @pytest.mark.libvirt
 @pytest.mark.slow
 def test_bench_s3_rows_at_64m(libvirt_conn: Any, s3_url: str, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    cp = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--size", "64M", "--only", "s3", "--repo", s3_url,
-         "--repeat", "1", "--no-peer", "--warm", "--workdir", str(tmp_path / "work"),
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert cp.returncode == 0, cp.stderr[-4000:]
-    [path] = out.glob("bench-64M-*.json")
-    doc = json.loads(path.read_text())
+    _cp, doc = bench(tmp_path, "bench-64M-*.json", "--size", "64M", "--only", "s3",
+                     "--repo", s3_url, "--repeat", "1", "--no-peer", "--warm",
+                     "--workdir", str(tmp_path / "work"), timeout=300)
     rows = {r["name"]: r for r in doc["rows"]}
     for want in ("S3 full backup", "S3 incremental after 1% rewritten", "S3 restore raw",
                  "S3 no-change incremental (CLI, warm cache)", "S3 requests per backup"):
@@ -113,15 +107,10 @@ def test_bench_scale_flags_run_small(libvirt_conn: Any, tmp_path: Path) -> None:
     """--sparse and --many at toy sizes: every row is there (no timing assertions)."""
     if not shutil.which("nbdcopy"):
         pytest.skip("nbdcopy (libnbd-bin) is not installed")
-    out = tmp_path / "out"
-    cp = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--sparse", "64G", "--sparse-data", "8M",
-         "--sparse-extents", "4", "--many", "2", "--many-size", "32M", "--many-jobs", "1,2",
-         "--repeat", "1", "--warm", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert cp.returncode == 0, cp.stderr[-4000:]
-    [path] = out.glob("bench-huge-*.json")
-    doc = json.loads(path.read_text())
+    _cp, doc = bench(tmp_path, "bench-huge-*.json", "--sparse", "64G", "--sparse-data", "8M",
+                     "--sparse-extents", "4", "--many", "2", "--many-size", "32M",
+                     "--many-jobs", "1,2", "--repeat", "1", "--warm",
+                     "--workdir", str(tmp_path / "work"), timeout=600)
     rows = {r["name"]: r for r in doc["rows"]}
     for want in ("full backup", "no-change incremental (warm cache)",
                  "incremental after 1 % of the data rewritten", "restore qcow2", "restore raw",

@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,18 +169,7 @@ class Bk:
         """Start the CLI and wait until it has stopped itself at a fault point."""
         p = self.spawn(*args, env={"BACKUPKIT_FAULT_POINT": point,
                                    "BACKUPKIT_FAULT_ACTION": "stop"})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                _out, err = p.communicate()
-                raise AssertionError(f"exited {p.returncode} before {point}: {err}")
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{p.pid}/stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "T":
-                    return p
-            time.sleep(0.02)
-        p.kill()
-        raise AssertionError(f"never reached {point}")
+        return rig.wait_stopped(p, point, 60)
 
     # -- the three checks ---------------------------------------------------
 
@@ -196,6 +184,15 @@ class Bk:
             for disk, ref in refs.items():
                 rig.compare(ref, target / f"{disk}.raw", "raw")
             subprocess.run(["rm", "-rf", str(target)], check=True)
+
+    def next_run(self, td: rig.TestDomain, conn: Any) -> dict[str, Any]:
+        """(2) and (3): the next backup needs no repair and is incremental; then every
+        backup is sound and nothing is left behind."""
+        nxt = self.backup(td)
+        assert nxt["mode"] == "incremental", nxt["reason"]
+        self.survivors(td)
+        self.nothing_left(td, conn)
+        return nxt
 
     def nothing_left(self, td: rig.TestDomain, conn: Any) -> None:
         """(3) no lock, no job, no stale checkpoint, no scratch file; gc removes the rest."""

@@ -11,7 +11,6 @@ in-memory store: tests/repo/test_gc_protocol.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -77,18 +76,7 @@ class Fleet:
         """Start the CLI; return once it has stopped itself at the fault point."""
         p = self.spawn(*args, env={faults.ENV_POINT: point, faults.ENV_ACTION: "stop",
                                    **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                _out, err = p.communicate()
-                raise AssertionError(f"{args} exited {p.returncode} before {point}: {err}")
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{p.pid}/stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "T":
-                    return p
-            time.sleep(0.02)
-        p.kill()
-        raise AssertionError(f"never reached {point}")
+        return rig.wait_stopped(p, point, 120, what=f"{args} ")
 
     @staticmethod
     def resume(p: subprocess.Popen[str]) -> tuple[int, str, str]:
@@ -146,6 +134,18 @@ def twins(make_domain: MakeDomain) -> Iterator[rig.TestDomain]:
         yield td
 
 
+def twin_of_a_deleted_backup(fleet: Fleet, make_domain: MakeDomain) -> rig.TestDomain:
+    """Twin A is backed up and that backup deleted (its chunks become gc's candidates);
+    the other twin, B, with the same data, is returned."""
+    gen = twins(make_domain)
+    a, b = next(gen), next(gen)
+    a_id = fleet.backup(a)
+    fleet.json("delete", a.name, a_id)
+    del fleet.refs[a_id]
+    fleet.tick()
+    return b
+
+
 GC_REMOVED = ("gc removed {n} chunks this backup reuses while it ran; nothing was "
               "committed; run the backup again")
 
@@ -199,12 +199,7 @@ def test_backup_commits_while_gc_is_frozen_after_the_mark(fleet: Fleet,
                                                          make_domain: MakeDomain) -> None:
     """A's backup is deleted: its chunks are gc's candidates.  gc freezes after the
     mark; B (same data) reuses them and commits; gc resumes and keeps them."""
-    gen = twins(make_domain)
-    a, b = next(gen), next(gen)
-    a_id = fleet.backup(a)
-    fleet.json("delete", a.name, a_id)
-    del fleet.refs[a_id]
-    fleet.tick()
+    b = twin_of_a_deleted_backup(fleet, make_domain)
     g = fleet.stopped_at("gc_after_mark", "gc")
     try:
         fleet.backup(b)
@@ -221,12 +216,7 @@ def test_backup_during_the_sweep_waits_and_checks(fleet: Fleet,
     """gc freezes with the epoch saying "sweeping", before it deletes A's chunks.  B
     starts then, reuses them and freezes before its commit; the sweep deletes them (B
     was not committed when gc looked); B then fails with one line, commits nothing."""
-    gen = twins(make_domain)
-    a, b = next(gen), next(gen)
-    a_id = fleet.backup(a)
-    fleet.json("delete", a.name, a_id)
-    del fleet.refs[a_id]
-    fleet.tick()
+    b = twin_of_a_deleted_backup(fleet, make_domain)
     g = fleet.stopped_at("gc_before_sweep", "gc")
     try:
         bp = fleet.stopped_at("before_commit", "backup", b.name)

@@ -3,10 +3,8 @@ into the real traffic by a small HTTP proxy between backupkit and the gateway.""
 
 from __future__ import annotations
 
-import http.client
 import http.server
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,73 +12,40 @@ import pytest
 from backupkit import errors
 from backupkit.repo.s3 import S3Settings, S3Storage
 from backupkit.repo.url import parse
+from tests.s3rig import ForwardingProxy
 
 # What the proxy does with one request: "pass", "lose" (forward it, then drop the
 # connection before the answer) or an HTTP status to answer with instead of forwarding.
 Rule = Callable[[str, str], "str | int"]
 
 
-class FaultProxy:
+class FaultProxy(ForwardingProxy):
     """Forwards HTTP to the gateway, applying rule(method, path) to each request."""
 
+    timeout = 30
+
     def __init__(self, upstream: str) -> None:
-        u = urllib.parse.urlsplit(upstream)
-        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
         self.rule: Rule = lambda _m, _p: "pass"
         self.seen: list[tuple[str, str, str | int]] = []
-        proxy = self
+        super().__init__(upstream)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                return None
-
-            def _any(self) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
-                action = proxy.rule(self.command, self.path)
-                proxy.seen.append((self.command, self.path, action))
-                if isinstance(action, int):
-                    msg = (b"<?xml version='1.0'?><Error><Code>AccessDenied</Code>"
-                           b"<Message>injected</Message></Error>")
-                    self.send_response(action)
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    self.wfile.write(msg)
-                    return
-                conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=30)
-                conn.putrequest(self.command, self.path, skip_host=True,
-                                skip_accept_encoding=True)
-                for k, v in self.headers.items():
-                    conn.putheader(k, v)
-                conn.endheaders(body if body else None)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                if action == "lose":
-                    self.close_connection = True  # the request was done; its answer is lost
-                    return
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _any
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        body = self.read_body(h)
+        action = self.rule(h.command, h.path)
+        self.seen.append((h.command, h.path, action))
+        if isinstance(action, int):
+            msg = (b"<?xml version='1.0'?><Error><Code>AccessDenied</Code>"
+                   b"<Message>injected</Message></Error>")
+            h.send_response(action)
+            h.send_header("Content-Length", str(len(msg)))
+            h.end_headers()
+            h.wfile.write(msg)
+            return
+        resp, data = self.forward(h, body)
+        if action == "lose":
+            h.close_connection = True  # the request was done; its answer is lost
+            return
+        self.answer(h, resp, data)
 
 
 @pytest.fixture
