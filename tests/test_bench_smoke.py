@@ -94,10 +94,11 @@ def test_bench_s3_rows_at_64m(libvirt_conn: Any, s3_url: str, tmp_path: Path) ->
         assert want in rows
     req = rows["S3 requests per backup"]["extra"]
     assert req["full"]["PUT"] > 0
-    # One HEAD per backup of one disk (the commit's check that the index is stored), none
-    # per chunk: the incremental stores chunks without asking for them first.
-    assert req["incremental 1%"].get("HEAD", 0) <= 1, req
-    assert req["no-change incremental"].get("HEAD", 0) <= 1, req
+    # Per backup of one disk: the commit's check that the index is stored and that the
+    # writer lock is still there; none per chunk: the 1 % incremental stores dozens of
+    # chunks without asking for them first, and asks no more than the no-change one.
+    heads = {k: v.get("HEAD", 0) for k, v in req.items() if isinstance(v, dict)}
+    assert heads["incremental 1%"] <= heads["no-change incremental"] <= 2, req
     assert rows["S3 requests per backup"]["ok"] is True
 
 
