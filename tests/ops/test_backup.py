@@ -206,6 +206,9 @@ def test_cli_backup_json_and_unknown_domain(
 
     doc = json.loads(cp.stdout)
     # The values, not only the keys: what the repository recorded, and what they must be.
+    # What only the run knows (chunks it stored; S3 requests) beside what was recorded.
+    assert doc.pop("stored_chunks") == 0  # an empty disk: nothing to store
+    assert "requests" not in doc  # a local repository
     assert doc == op.summary(repo.get_manifest(td.name, doc["id"]))
     assert (doc["domain"], doc["mode"], doc["reason"]) == (
         td.name, "full", "no previous backup in the repository")
