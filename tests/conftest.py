@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -43,6 +44,17 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The tests of the grace itself set their own values (tests/ops/test_gc_fleet.py).
 os.environ.setdefault("BACKUPKIT_GC_GRACE", "0")
 os.environ.setdefault("BACKUPKIT_MAX_CLOCK_SKEW", "0")
+
+
+def need_tool(name: str, package: str) -> None:
+    """Skip when the tool `name` is missing, but fail under CI=true: scripts/setup.sh
+    installs `package`, so a missing tool there is a broken install step."""
+    if shutil.which(name):
+        return
+    if IN_CI:
+        pytest.fail(f"{name} ({package}, installed by scripts/setup.sh) is required in CI",
+                    pytrace=False)
+    pytest.skip(f"{name} ({package}) is not installed")
 
 
 def _libvirt_unavailable(reason: str) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,8 +30,7 @@ def bench(tmp_path: Path, report: str, *args: str, timeout: int
 @pytest.mark.libvirt
 @pytest.mark.slow
 def test_bench_runs_at_64m(libvirt_conn: Any, tmp_path: Path) -> None:
-    if not shutil.which("nbdcopy"):
-        pytest.skip("nbdcopy (libnbd-bin) is not installed")
+    need_tool("nbdcopy", "libnbd-bin")
     cp, doc = bench(tmp_path, "bench-64M-*.json", "--size", "64M", "--sweep", "256K",
                     "--no-peer", "--warm", "--encrypted", "--workdir", str(tmp_path / "work"),
                     timeout=120)
@@ -106,8 +106,7 @@ def test_bench_s3_rows_at_64m(libvirt_conn: Any, s3_url: str, tmp_path: Path) ->
 @pytest.mark.slow
 def test_bench_scale_flags_run_small(libvirt_conn: Any, tmp_path: Path) -> None:
     """--sparse and --many at toy sizes: every row is there (no timing assertions)."""
-    if not shutil.which("nbdcopy"):
-        pytest.skip("nbdcopy (libnbd-bin) is not installed")
+    need_tool("nbdcopy", "libnbd-bin")
     _cp, doc = bench(tmp_path, "bench-huge-*.json", "--sparse", "64G", "--sparse-data", "8M",
                      "--sparse-extents", "4", "--many", "2", "--many-size", "32M",
                      "--many-jobs", "1,2", "--repeat", "1", "--warm",

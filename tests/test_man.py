@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from backupkit import cli, config, errors, metrics
+from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN8 = ROOT / "man" / "backupkit.8"
@@ -216,8 +217,7 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("page", [MAN8, MAN5], ids=lambda p: p.name)
 def test_renders_without_warnings(page: Path) -> None:
-    if not shutil.which("groff"):
-        pytest.skip("groff not installed")
+    need_tool("groff", "groff-base")
     cp = subprocess.run(["groff", "-ww", "-man", "-Tutf8", "-P-cbou", str(page)],
                         capture_output=True, text=True, env=_clean_env(), timeout=30, check=False)
     assert cp.returncode == 0 and cp.stderr == "", cp.stderr

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from backupkit import cli
+from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -178,8 +179,7 @@ def test_execstart_commands() -> None:
 
 @pytest.mark.parametrize("name", ["vm-1", "web.example.com", "a b", "-dash"])
 def test_instance_escaping_round_trip(name: str) -> None:
-    if not shutil.which("systemd-escape"):
-        pytest.skip("systemd-escape missing")
+    need_tool("systemd-escape", "systemd")
     escaped = subprocess.run(["systemd-escape", "--", name], capture_output=True, text=True,
                              check=True).stdout.strip()
     (argv,) = _exec_argv(UNITS / "backupkit-backup@.service", escaped)
