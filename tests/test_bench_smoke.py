@@ -113,6 +113,7 @@ def test_bench_scale_flags_run_small(libvirt_conn: Any, tmp_path: Path) -> None:
                      "--workdir", str(tmp_path / "work"), timeout=600)
     rows = {r["name"]: r for r in doc["rows"]}
     for want in ("full backup", "no-change incremental (warm cache)",
+                 "no-change incremental vs the same on a 1 GiB disk",
                  "incremental after 1 % of the data rewritten", "restore qcow2", "restore raw",
                  "verify (metadata)", "verify --data"):
         assert f"sparse 64G: {want}" in rows, want
