@@ -404,22 +404,26 @@ class Lock:
                     with contextlib.suppress(Exception):  # a refresh writes it again
                         self.set_state("running")
 
+    def _gone(self, then: str = "") -> bool:
+        """Whether another process removed the object (one HEAD): then it is counted
+        as lost and logged.  Call with ``self._io`` held."""
+        if self.storage.exists(self.key):
+            return False
+        self.lost += 1
+        log.error("%s: the lock object %s was removed by another process (it judged it "
+                  "stale)%s", self.what, self.key, then)
+        return True
+
     def check(self) -> None:
-        """Count it as lost if another process removed the object (one HEAD)."""
+        """Count it as lost if another process removed the object."""
         with self._io:
-            if not self.storage.exists(self.key):
-                self.lost += 1
-                log.error("%s: the lock object %s was removed by another process (it "
-                          "judged it stale)", self.what, self.key)
+            self._gone()
 
     def refresh(self) -> None:
         with self._io:
-            if not self.storage.exists(self.key):
-                # Someone judged us stale (this process was frozen, or the store
-                # unreachable, for longer than lock_stale) and removed the object.
-                self.lost += 1
-                log.error("%s: the lock object %s was removed by another process (it "
-                          "judged it stale); taking it again", self.what, self.key)
+            # Gone when someone judged us stale (this process was frozen, or the store
+            # unreachable, for longer than lock_stale): taken again.
+            self._gone("; taking it again")
             self.storage.replace(self.key, self._encode())
 
     def _refresher(self) -> None:
