@@ -1263,7 +1263,12 @@ def main_scale(args: argparse.Namespace) -> int:
     path = out / f"bench-scale-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     if scale:
+        from bench.plot import scale_svg
+
+        svg = path.with_suffix(".svg")
+        svg.write_text(scale_svg(scale))
         print(render_scale(scale))
+        print(f"\nCurves: {svg}")
     print(f"\nJSON: {path}")
     if failed is not None:
         raise failed
