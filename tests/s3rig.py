@@ -17,6 +17,7 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -263,3 +264,40 @@ class HoldingProxy(ForwardingProxy):
     def close(self) -> None:
         self.release.set()
         super().close()
+
+
+# --- plain S3 access to the test gateway (what the tests look at behind backupkit) ---
+
+
+def s3_client(endpoint: str | None = None) -> Any:
+    """A plain boto3 client on the test gateway (the AWS_* environment s3_location set)."""
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint or os.environ["AWS_ENDPOINT_URL_S3"],
+        config=botocore.config.Config(s3={"addressing_style": "path"},
+                                      request_checksum_calculation="when_required",
+                                      response_checksum_validation="when_required"))
+
+
+def split(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    return bucket, prefix
+
+
+def objects(url: str) -> dict[str, str]:
+    """Every object under the repository's prefix -> its ETag (relative keys)."""
+    bucket, prefix = split(url)
+    out: dict[str, str] = {}
+    for page in s3_client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix + "/"):
+        for o in page.get("Contents", ()):
+            out[o["Key"][len(prefix) + 1:]] = o["ETag"]
+    return out
+
+
+def uploads(bucket: str, prefix: str) -> list[tuple[str, str]]:
+    """Incomplete multipart uploads under prefix: (key, upload id)."""
+    resp = s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [(u["Key"], u["UploadId"]) for u in resp.get("Uploads", ())]

@@ -244,3 +244,54 @@ def paused_second_backup(make_domain: MakeDomain, bk: Bk, tmp_path: Path, *, len
     before = {d.target: d.snapshot_reference(tmp_path / f"ref-{tag}-{d.target}")
               for d in td.disks}
     return td, before, bk.stopped_at("before_first_chunk", "backup", td.name)
+
+
+@dataclass
+class S3Bk(Bk):
+    """Bk (tests/faults/conftest.py) on an S3 repository; ``env`` goes to every run
+    (AWS_ENDPOINT_URL_S3 of a gateway of the test's own)."""
+
+    url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def args(self) -> list[str]:
+        return ["--config", str(self.config), "--repo", self.url]
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return super().run(*args, env={**self.env, **(env or {})}, timeout=timeout)
+
+    def spawn(self, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+        return super().spawn(*args, env={"BACKUPKIT_CONFIG": "/dev/null", **self.env, **env})
+
+    def nothing_left(self, td: rig.TestDomain, conn: Any) -> None:
+        """(3) on S3: no job, no stale checkpoint, no scratch file; no lock held (gc
+        gets the exclusive lock at once); gc removes every leftover, a second gc finds
+        nothing; no incomplete multipart upload."""
+        from backupkit import virt
+
+        dom = virt.connect(rig.URI).domain(td.name)
+        assert not dom.backup_job_active(), "a libvirt backup job is still running"
+        latest = self.json("show", td.name, "latest")
+        cps = [c.name for c in dom.checkpoints()]
+        assert cps == [latest["checkpoint"]], f"checkpoints {cps}, latest {latest['checkpoint']}"
+        assert sorted(os.listdir(self.scratch)) == [], os.listdir(self.scratch)
+        self.json("gc")
+        again = self.json("gc", "--dry-run")
+        assert again["bytes_freed"] == 0 and again["chunks_removed"] == 0, again
+        assert again["incomplete_backups_removed"] == [] and again["tmp_files_removed"] == 0
+        from tests.s3rig import split, uploads
+
+        assert uploads(*split(self.url)) == []
+
+
+@pytest.fixture
+def s3bk(tmp_path: Path, s3_url: str) -> S3Bk:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cfg = tmp_path / "backupkit.toml"
+    cfg.write_text(f'scratch_dir = "{scratch}"\n')
+    b = S3Bk(tmp_path, tmp_path / "unused", scratch, cfg, url=s3_url)
+    cp = b.run("init", "--chunk-size", str(CHUNK))
+    assert cp.returncode == 0, cp.stderr
+    return b

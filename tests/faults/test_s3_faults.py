@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,93 +28,17 @@ import pytest
 
 from tests import rig
 from tests.conftest import run_cli, traversable
-from tests.faults.conftest import CHUNK, Bk, MakeDomain, MiB, one_line_error, write_random
-from tests.s3rig import HoldingProxy, own_gateway, s3_location
+from tests.faults.conftest import (
+    CHUNK,
+    MakeDomain,
+    MiB,
+    S3Bk,
+    one_line_error,
+    write_random,
+)
+from tests.s3rig import HoldingProxy, objects, own_gateway, s3_client, s3_location, split, uploads
 
 pytestmark = pytest.mark.libvirt
-
-
-def s3_client(endpoint: str | None = None) -> Any:
-    """A plain boto3 client on the test gateway (the AWS_* environment s3_location set)."""
-    import boto3
-    import botocore.config
-
-    return boto3.client(
-        "s3", endpoint_url=endpoint or os.environ["AWS_ENDPOINT_URL_S3"],
-        config=botocore.config.Config(s3={"addressing_style": "path"},
-                                      request_checksum_calculation="when_required",
-                                      response_checksum_validation="when_required"))
-
-
-def split(url: str) -> tuple[str, str]:
-    bucket, _, prefix = url[len("s3://"):].partition("/")
-    return bucket, prefix
-
-
-def objects(url: str) -> dict[str, str]:
-    """Every object under the repository's prefix -> its ETag (relative keys)."""
-    bucket, prefix = split(url)
-    out: dict[str, str] = {}
-    for page in s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix + "/"):
-        for o in page.get("Contents", ()):
-            out[o["Key"][len(prefix) + 1:]] = o["ETag"]
-    return out
-
-
-def uploads(bucket: str, prefix: str) -> list[tuple[str, str]]:
-    """Incomplete multipart uploads under prefix: (key, upload id)."""
-    resp = s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-    return [(u["Key"], u["UploadId"]) for u in resp.get("Uploads", ())]
-
-
-@dataclass
-class S3Bk(Bk):
-    """Bk (tests/faults/conftest.py) on an S3 repository; ``env`` goes to every run
-    (AWS_ENDPOINT_URL_S3 of a gateway of the test's own)."""
-
-    url: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-
-    def args(self) -> list[str]:
-        return ["--config", str(self.config), "--repo", self.url]
-
-    def run(self, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return super().run(*args, env={**self.env, **(env or {})}, timeout=timeout)
-
-    def spawn(self, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-        return super().spawn(*args, env={"BACKUPKIT_CONFIG": "/dev/null", **self.env, **env})
-
-    def nothing_left(self, td: rig.TestDomain, conn: Any) -> None:
-        """(3) on S3: no job, no stale checkpoint, no scratch file; no lock held (gc
-        gets the exclusive lock at once); gc removes every leftover, a second gc finds
-        nothing; no incomplete multipart upload."""
-        from backupkit import virt
-
-        dom = virt.connect(rig.URI).domain(td.name)
-        assert not dom.backup_job_active(), "a libvirt backup job is still running"
-        latest = self.json("show", td.name, "latest")
-        cps = [c.name for c in dom.checkpoints()]
-        assert cps == [latest["checkpoint"]], f"checkpoints {cps}, latest {latest['checkpoint']}"
-        assert sorted(os.listdir(self.scratch)) == [], os.listdir(self.scratch)
-        self.json("gc")
-        again = self.json("gc", "--dry-run")
-        assert again["bytes_freed"] == 0 and again["chunks_removed"] == 0, again
-        assert again["incomplete_backups_removed"] == [] and again["tmp_files_removed"] == 0
-        assert uploads(*split(self.url)) == []
-
-
-@pytest.fixture
-def s3bk(tmp_path: Path, s3_url: str) -> S3Bk:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    cfg = tmp_path / "backupkit.toml"
-    cfg.write_text(f'scratch_dir = "{scratch}"\n')
-    b = S3Bk(tmp_path, tmp_path / "unused", scratch, cfg, url=s3_url)
-    cp = b.run("init", "--chunk-size", str(CHUNK))
-    assert cp.returncode == 0, cp.stderr
-    return b
 
 
 def resume(p: subprocess.Popen[str]) -> None:
@@ -122,47 +46,6 @@ def resume(p: subprocess.Popen[str]) -> None:
 
 
 # --- kill -9 mid-backup and mid-gc ---------------------------------------------
-
-
-@pytest.mark.parametrize("point", ["before_first_chunk", "mid_data", "after_index",
-                                   "after_manifest"])
-def test_kill_9_mid_backup_on_s3(point: str, make_domain: MakeDomain, s3bk: S3Bk,
-                                 libvirt_conn: object, tmp_path: Path) -> None:
-    """kill -9 at each fault point of a live incremental backup to S3: the committed
-    backups are intact, the next run is incremental, gc removes what the killed run
-    uploaded (chunks and an index no manifest names)."""
-    td = make_domain([("qcow2", 32 * MiB)], running=True)
-    td.write("vda", 0, 1 * MiB, 0x11)
-    first = s3bk.backup(td)
-    assert first["mode"] == "full"
-
-    write_random(td, "vda", 2 * MiB, 512 * 1024, 1, tmp_path)
-    td.write("vda", 20 * MiB, 256 * 1024, 0x22)
-    before = {d.target: d.snapshot_reference(tmp_path / f"ref-killed-{d.target}")
-              for d in td.disks}
-    s3bk.killed_at(point, "backup", td.name)
-
-    listed = [b["id"] for b in s3bk.json("list", td.name)["backups"]]
-    if point == "after_manifest":
-        assert len(listed) == 2  # committed: the backup exists and is complete
-        s3bk.refs[listed[-1]] = before
-    else:
-        assert listed == [first["id"]], "an uncommitted backup is visible"
-        if point == "after_index":
-            # Every chunk and the index are stored, no manifest names them.  (At
-            # mid_data the chunks handed over may still be on their way to the
-            # gateway when the kill comes: some, all or none land.)
-            leftover = s3bk.json("gc", "--dry-run")
-            assert leftover["chunks_removed"] > 0, leftover
-            assert len(leftover["incomplete_backups_removed"]) == 1, leftover
-
-    s3bk.survivors(td)
-    td.write("vda", 8 * MiB, 64 * 1024, 0x33)
-    nxt = s3bk.backup(td)
-    assert nxt["mode"] == "incremental", nxt["reason"]
-    assert nxt["parent_id"] == listed[-1]
-    s3bk.survivors(td)
-    s3bk.nothing_left(td, libvirt_conn)
 
 
 def _deleting(method: str, path: str) -> bool:
