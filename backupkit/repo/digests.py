@@ -108,7 +108,7 @@ class ChunkTable:
         self._total += sum(map(new.__getitem__, fresh))
         old += fresh
         old.sort()  # two sorted runs: one linear merge
-        self._keys[b] = bytearray(b"".join(old))
+        keys[:] = b"".join(old)
         self._limit[b] = _PENDING.size * max(self.MERGE_MIN, len(old) // self.MERGE_RATIO)
 
     def _merge_all(self) -> None:
