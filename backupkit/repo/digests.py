@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from itertools import repeat
 from operator import itemgetter
 
-DIGEST = 32  # bytes of a chunk digest (BLAKE2b-256 / keyed; docs/format.md)
+DIGEST = 32  # bytes of a chunk digest (its name: docs/format.md)
 _PENDING = struct.Struct(f">{DIGEST}sQ")  # a pending record: digest, length
 _KEY = struct.Struct(f"{DIGEST}s")
 _first = itemgetter(0)
