@@ -2,7 +2,8 @@
 
 Two passes keep memory bounded by the number of distinct chunks, not by the
 number of backups times their size: pass 1 parses every manifest and index and
-collects the set of referenced digests; the chunks are then checked once each
+collects the referenced digests in a ``ChunkTable`` (backupkit.repo.digests:
+sorted 32-byte records, ~32 bytes per distinct chunk, exact); the chunks are then checked once each
 (existence, or read + decompress + hash check in parallel with data=True); only if
 some chunk is bad, pass 2 re-reads the indexes to name every affected backup,
 disk, byte range and missing chunk.  Nothing stops at the first problem.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from backupkit.errors import (
@@ -34,6 +35,7 @@ from backupkit.errors import (
 )
 from backupkit.ops.restore import remote_workers
 from backupkit.repo import Index, Manifest, Repository, chains
+from backupkit.repo.digests import ChunkTable
 from backupkit.repo.repository import ChunkMissing
 from backupkit.workers import run_threads
 
@@ -87,7 +89,7 @@ def _ranges(index: Index, slots: list[int]) -> list[dict[str, int]]:
 ProgressStart = Callable[[str, int], Callable[[int], None] | None]
 
 
-def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, workers: int,
+def _check_chunks(repo: Repository, digests: ChunkTable, data: bool, workers: int,
                   progress_start: ProgressStart | None = None, *, whole: bool = False
                   ) -> tuple[dict[bytes, str], set[bytes], int]:
     """Bad digests with the reason, those of them whose file is there but damaged, bytes read.
@@ -96,27 +98,27 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
     """
     bad: dict[bytes, str] = {}
     damaged: set[bytes] = set()
-    todo: Iterable[bytes] = digests
+    todo: Iterator[bytes] = iter(digests)  # ascending: walks the chunk directories in order
     remote = not repo.storage.properties.local
     if remote and not data and whole and len(digests) >= LIST_MIN:
         # An object store answers one LIST per 1000 chunks, a HEAD per chunk otherwise
         # (in parallel): when the whole repository is verified, the chunks are listed
         # and only those the listing lacks are looked up one by one (and named).
-        unseen = set(digests)
+        # A listed chunk is marked in the table (a bit each), not copied into a set.
         for info in repo.storage.list("chunks/"):
             name = info.key.rpartition("/")[2]
             if len(name) == 64:
                 try:
-                    unseen.discard(bytes.fromhex(name))
+                    digests.mark(bytes.fromhex(name))
                 except ValueError:
                     continue
-        todo = unseen
-    it = iter(sorted(todo))  # sorted: walks the chunk directories in order
+        todo = digests.unmarked()
+    it = todo
     lock = threading.Lock()
     read_total = 0
     progress = None
     if progress_start and data:
-        progress = progress_start("verify", sum(digests.values()))
+        progress = progress_start("verify", digests.total_length)
 
     def work() -> None:
         nonlocal read_total
@@ -268,7 +270,7 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
     started = time.monotonic()
     damaged: dict[tuple[str, str], dict[str, Any]] = {}
     good: list[tuple[Manifest, list[str]]] = []  # manifests with their readable disks
-    digests: dict[bytes, int] = {}  # chunk -> its length (for progress)
+    digests = ChunkTable()  # the distinct chunks referenced, ~32 bytes each (and lengths' total)
     backups = disks = 0
 
     def damage(d: str, bid: str) -> dict[str, Any]:
@@ -298,9 +300,8 @@ def _verify(repo: Repository, domain: str | None, backup: str | None, data: bool
                 })
                 continue
             readable.append(rec.name)
-            for _slot, digest, pieces in index.slots():
-                if digest is not None:
-                    digests[digest] = index.chunk_size
+            digests.add_all(index.chunks.values(), index.chunk_size)
+            for pieces in index.overlays.values():
                 digests.update((p, n) for _, n, p in pieces if p is not None)
         good.append((m, readable))
 

@@ -130,3 +130,30 @@ def test_a_newer_index_is_not_damage(repo: Repository, setup: dict[str, Any]) ->
     p.write_text(json.dumps(doc))
     with pytest.raises(errors.UnsupportedFormat, match="version 9 is newer"):
         verify(repo)
+
+
+def test_each_distinct_chunk_is_checked_once_and_the_progress_total_is_their_lengths(
+        repo: Repository, setup: dict[str, Any]) -> None:
+    """verify's ChunkTable (issue 21) counts what the dict of chunk -> length counted."""
+    lengths: dict[bytes, int] = {}  # the oracle: as verify collected them before
+    for m in repo.backups().manifests:
+        for rec in m.disks:
+            index = repo.load_index(m, rec.name)
+            for _slot, digest, pieces in index.slots():
+                if digest is not None:
+                    lengths.setdefault(digest, index.chunk_size)
+                for _, n, p in pieces:
+                    if p is not None:
+                        lengths.setdefault(p, n)
+    started: list[tuple[str, int]] = []
+    done: list[int] = []
+
+    def progress_start(label: str, total: int) -> Any:
+        started.append((label, total))
+        return done.append
+
+    rep = verify(repo, data=True, progress_start=progress_start)
+    assert rep["ok"] and rep["chunks_checked"] == len(lengths)
+    assert started == [("verify", sum(lengths.values()))]
+    assert len(done) == len(lengths) and sum(done) == rep["bytes_read"]
+    assert verify(repo)["chunks_checked"] == len(lengths)
