@@ -35,6 +35,7 @@ from backupkit.errors import (
 from backupkit.ops.restore import remote_workers
 from backupkit.repo import Index, Manifest, Repository, chains
 from backupkit.repo.repository import ChunkMissing
+from backupkit.repo.storage import list_chunks
 from backupkit.workers import run_threads
 
 log = logging.getLogger("backupkit.verify")
@@ -103,7 +104,7 @@ def _check_chunks(repo: Repository, digests: dict[bytes, int], data: bool, worke
         # (in parallel): when the whole repository is verified, the chunks are listed
         # and only those the listing lacks are looked up one by one (and named).
         unseen = set(digests)
-        for info in repo.storage.list("chunks/"):
+        for info in list_chunks(repo.storage):
             name = info.key.rpartition("/")[2]
             if len(name) == 64:
                 try:
