@@ -278,31 +278,48 @@ def list_many(storage: Storage, prefixes: Sequence[str]) -> Iterator[ObjectInfo]
             t.join()
 
 
-def list_chunks(storage: Storage) -> Iterator[ObjectInfo]:
-    """Every object under chunks/ (as ``storage.list("chunks/")``), in no particular order.
-
-    On a remote store the chunk directories (chunks/00/ .. chunks/ff/, found by one
-    ``children`` request) are listed concurrently (list_many): on S3 the listing is
-    what gc and verify cost, one LIST per 1,000 chunks, and 8 threads halved it
-    (bench/RESULTS.md, "Chunk-count scaling").  A local store walks chunks/ as before
-    (sorted).  Whatever else lies under chunks/ is listed too (gc names it): other
-    directories like the chunk directories, and an object directly under chunks/
-    with its size from one lookup and mtime 0 (never a chunk's key).
-    """
-    if storage.properties.local:
-        yield from storage.list("chunks/")
-        return
-    names = storage.children("chunks/")
+def list_under(storage: Storage, prefix: str, names: Sequence[str]) -> Iterator[ObjectInfo]:
+    """Every object under prefix+name/ for each of names (from ``children(prefix)``), and
+    prefix+name itself where nothing is under it (an object: its size from one lookup,
+    mtime 0), in no particular order; concurrently on a remote store (list_many)."""
     seen: set[str] = set()
-    for info in list_many(storage, [f"chunks/{n}/" for n in names]):
-        seen.add(info.key.split("/", 2)[1])
+    depth = prefix.count("/")
+    for info in list_many(storage, [f"{prefix}{n}/" for n in names]):
+        seen.add(info.key.split("/", depth + 1)[depth])
         yield info
     for n in names:
         if n in seen:
             continue
         # Nothing under it: an object named n, or a directory emptied meanwhile.
         with contextlib.suppress(NotFound):
-            yield ObjectInfo(f"chunks/{n}", storage.size(f"chunks/{n}"))
+            yield ObjectInfo(f"{prefix}{n}", storage.size(f"{prefix}{n}"))
+
+
+def list_chunks(storage: Storage) -> Iterator[ObjectInfo]:
+    """Every object under chunks/ (as ``storage.list("chunks/")``), in no particular order.
+
+    On a remote store the chunk directories (chunks/00/ .. chunks/ff/, found by one
+    ``children`` request) are listed concurrently (list_under, list_many): on S3 the
+    listing is what gc and verify cost, one LIST per 1,000 chunks, and 8 threads halved
+    it (bench/RESULTS.md, "Chunk-count scaling").  A local store walks chunks/ as before
+    (sorted).  Whatever else lies under chunks/ is listed too (gc names it); an object
+    directly under chunks/ comes with mtime 0 (it is never a chunk).
+    """
+    if storage.properties.local:
+        yield from storage.list("chunks/")
+        return
+    yield from list_under(storage, "chunks/", storage.children("chunks/"))
+
+
+def list_all(storage: Storage) -> Iterator[ObjectInfo]:
+    """Every object of the store (as ``storage.list("")``), in no particular order: on a
+    remote store the top-level directories, then the chunk directories, concurrently;
+    objects at the top (config.json) come with mtime 0."""
+    if storage.properties.local:
+        yield from storage.list("")
+        return
+    yield from list_under(storage, "", [n for n in storage.children("") if n != "chunks"])
+    yield from list_chunks(storage)
 
 
 _SYNCFS_DIRS = 8  # more changed directories than this: one syncfs instead of an fsync each

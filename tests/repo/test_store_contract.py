@@ -21,6 +21,7 @@ from backupkit.repo.storage import (
     Storage,
     StoreProperties,
     aligned_buffer,
+    list_all,
     list_chunks,
     list_many,
 )
@@ -175,11 +176,33 @@ def test_chunks_listed_across_prefixes(store: Storage, monkeypatch: pytest.Monke
     assert sorted(list_many(store, dirs)) == sorted(
         i for k, i in whole.items() if k != "chunks/README")
     assert list(list_many(store, ["chunks/no/", "chunks/such/"])) == []
+    # The whole store (the metrics' recount): each object once, top-level ones included.
+    everything = list(list_all(store))
+    assert len(everything) == len({i.key for i in everything})
+    assert {i.key: i.size for i in everything} == {i.key: i.size for i in store.list("")}
     # A consumer that stops early (close()) leaves no thread behind.
     it = list_chunks(store)
     assert isinstance(next(it), ObjectInfo)
     it.close()
     assert _listing_threads() == []
+
+
+def test_repository_stats_on_every_store(stores: StoreFactory) -> None:
+    """The metrics' count of a repository (after gc, a first backup) lists it through
+    Repository.list_objects (concurrently on a remote store): the same totals as one
+    plain listing."""
+    from backupkit import metrics
+
+    repo = Repository.init(stores(), chunk_size=CHUNK)
+    for i in range(5):
+        repo.put_chunk(rand(CHUNK, seed=i))
+    repo.storage.flush()
+    repo.storage.replace("backups/d/1/manifest.json", b"{}")
+    plain = list(repo.storage.list(""))
+    assert metrics.repository_stats(repo) == {
+        "size_bytes": sum(i.size for i in plain),
+        "chunks": sum(1 for i in plain if i.key.startswith("chunks/")),
+        "backups": 1}
 
 
 def test_chunk_listing_holds_a_few_pages(monkeypatch: pytest.MonkeyPatch) -> None:
