@@ -37,6 +37,7 @@ from backupkit import faults
 from backupkit.errors import CorruptRepository, Error, OperationFailed, RepositoryError
 from backupkit.repo import Repository, fleet, locks
 from backupkit.repo.manifest import Manifest
+from backupkit.repo.storage import list_chunks
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
         cand_sizes = array("Q")
         kept = fresh = 0
         unknown: list[str] = []
-        for info in storage.list("chunks/"):
+        for info in list_chunks(storage):  # concurrently on S3: order is not relied on
             match = _CHUNK_KEY.fullmatch(info.key)
             if not match or match[2][:2] != match[1]:
                 unknown.append(info.key)
@@ -256,7 +257,7 @@ def gc(repo: Repository, *, dry_run: bool = False, wait: float = 0.0) -> dict[st
         "chunks_too_new": fresh,
         "chunks_rescued": rescued,
         **result,
-        "unknown_files": unknown,
+        "unknown_files": sorted(unknown),
         "cutoff": datetime.fromtimestamp(max(cutoff, 0), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "epoch": epoch,
         "waited_for_commits": waited,

@@ -37,6 +37,7 @@ from backupkit.ops.restore import remote_workers
 from backupkit.repo import Index, Manifest, Repository, chains
 from backupkit.repo.digests import ChunkTable
 from backupkit.repo.repository import ChunkMissing
+from backupkit.repo.storage import list_chunks
 from backupkit.workers import run_threads
 
 log = logging.getLogger("backupkit.verify")
@@ -105,7 +106,7 @@ def _check_chunks(repo: Repository, digests: ChunkTable, data: bool, workers: in
         # (in parallel): when the whole repository is verified, the chunks are listed
         # and only those the listing lacks are looked up one by one (and named).
         # A listed chunk is marked in the table (a bit each), not copied into a set.
-        for info in repo.storage.list("chunks/"):
+        for info in list_chunks(repo.storage):
             name = info.key.rpartition("/")[2]
             if len(name) == 64:
                 try:

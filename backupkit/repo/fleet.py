@@ -21,7 +21,7 @@ from typing import NamedTuple
 from backupkit import faults
 from backupkit.errors import CorruptRepository, NotFound, OperationFailed
 from backupkit.repo import locks
-from backupkit.repo.storage import Storage
+from backupkit.repo.storage import Storage, list_chunks
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def missing_chunks(storage: Storage, keys: set[str]) -> int:
     if len(keys) <= HEAD_LIMIT:
         return sum(1 for k in keys if not storage.exists(k))
     left = set(keys)
-    for info in storage.list("chunks/"):
+    for info in list_chunks(storage):
         left.discard(info.key)
     return len(left)
 

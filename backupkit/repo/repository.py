@@ -43,7 +43,14 @@ from backupkit.repo import crypto, fleet, locks
 from backupkit.repo.index import Index, IndexFormatError, Piece
 from backupkit.repo.manifest import Manifest
 from backupkit.repo.names import check_name
-from backupkit.repo.storage import LocalStorage, ReadBuffer, Storage, aligned_buffer
+from backupkit.repo.storage import (
+    LocalStorage,
+    ObjectInfo,
+    ReadBuffer,
+    Storage,
+    aligned_buffer,
+    list_all,
+)
 from backupkit.repo.url import open_storage
 
 _B = TypeVar("_B", bound=Buffer)
@@ -880,6 +887,11 @@ class Repository:
                 listing.damaged.append((d, bid, m))
         listing.manifests.sort(key=Manifest.sort_key)
         return listing
+
+    def list_objects(self) -> Iterator[ObjectInfo]:
+        """Every object of the repository, in no particular order (storage.list_all:
+        the chunk directories listed concurrently on a remote store)."""
+        return list_all(self.storage)
 
     def list_backups(self, domain: str | None = None) -> list[Manifest]:
         """Committed backups, oldest first; a damaged manifest raises, naming it."""

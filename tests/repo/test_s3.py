@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import http.server
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from backupkit import errors
+from backupkit.repo import storage as storage_mod
 from backupkit.repo.s3 import S3Settings, S3Storage
+from backupkit.repo.storage import list_chunks
 from backupkit.repo.url import parse
 from tests.s3rig import ForwardingProxy
 
@@ -34,7 +37,8 @@ class FaultProxy(ForwardingProxy):
         action = self.rule(h.command, h.path)
         self.seen.append((h.command, h.path, action))
         if isinstance(action, int):
-            msg = (b"<?xml version='1.0'?><Error><Code>AccessDenied</Code>"
+            code = b"SlowDown" if action == 503 else b"AccessDenied"
+            msg = (b"<?xml version='1.0'?><Error><Code>" + code + b"</Code>"
                    b"<Message>injected</Message></Error>")
             h.send_response(action)
             h.send_header("Content-Length", str(len(msg)))
@@ -203,3 +207,110 @@ def test_locks_of_an_s3_repository_are_objects_in_the_bucket(s3_url: str) -> Non
         b.lock_domain("vm1").__enter__()
     with b.lock_shared(), a.lock_shared():
         pass
+
+
+def _chunk_dirs(st: S3Storage, n: int) -> list[str]:
+    """n chunk directories of two chunks each; their prefixes."""
+    for h in range(n):
+        for i in range(2):
+            assert st.put_if_absent(f"chunks/{h:02x}/{h:02x}{i:062x}", b"c")
+    return [f"chunks/{h:02x}/" for h in range(n)]
+
+
+def _listing_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("storage-list-")]
+
+
+def _lists_of(path: str, prefix: str) -> bool:
+    """path is a LIST request of the objects under prefix (under the test's root)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+    return "list-type" in query and query.get("prefix", [""])[0].endswith("/" + prefix)
+
+
+def _lists_seen(proxy: FaultProxy, prefix: str) -> int:
+    return sum(1 for m, p, _a in proxy.seen if m == "GET" and _lists_of(p, prefix))
+
+
+@pytest.fixture
+def fan_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small test repositories list their chunks concurrently, as large ones do."""
+    monkeypatch.setattr(storage_mod, "ONE_PAGE", 1)
+
+
+def test_a_small_repository_lists_its_chunks_with_one_request(
+        proxied: tuple[FaultProxy, Callable[..., S3Storage]]) -> None:
+    """Fewer chunks than a listing page: one LIST, not one per chunk directory."""
+    proxy, store = proxied
+    st = store()
+    _chunk_dirs(st, 24)
+    proxy.seen.clear()
+    assert len(list(list_chunks(st))) == 48
+    assert sum(1 for m, p, _a in proxy.seen if m == "GET" and "list-type=2" in p) == 1
+
+
+def test_chunk_listing_failing_in_one_prefix_fails_as_a_listing_does(
+        proxied: tuple[FaultProxy, Callable[..., S3Storage]], fan_out: None) -> None:
+    """gc's and verify's listing of the chunks runs a listing per chunk directory, 8 at
+    once: one directory whose LIST keeps failing (503) fails the whole listing with the
+    error, message and retries (botocore's, per request) of a plain listing of that
+    directory, and every listing thread has ended when it is raised."""
+    proxy, store = proxied
+    st = store(max_attempts=3)
+    dirs = _chunk_dirs(st, 24)
+    bad = "chunks/11/"
+    proxy.rule = lambda m, p: 503 if _lists_of(p, bad) else "pass"
+    with pytest.raises(errors.OperationFailed) as plain:
+        list(st.list(bad))
+    attempts = _lists_seen(proxy, bad)
+    assert attempts > 1  # botocore retried the 503
+    proxy.seen.clear()
+    with pytest.raises(errors.OperationFailed) as spread:
+        list(list_chunks(st))
+    assert str(spread.value) == str(plain.value)
+    assert f"listing {bad}" in str(spread.value)
+    assert _lists_seen(proxy, bad) == attempts  # the same retries, no more
+    assert _listing_threads() == []
+    assert len(dirs) == 24
+    # The gateway answers again: the same store lists everything.
+    proxy.rule = lambda _m, _p: "pass"
+    assert len(list(list_chunks(st))) == 48
+
+
+def test_chunk_listing_ends_when_the_gateway_stops_answering(
+        proxied: tuple[FaultProxy, Callable[..., S3Storage]], fan_out: None) -> None:
+    """The gateway stops answering in the middle of the concurrent listing (every
+    request from the 6th chunk-directory LIST on is done but its answer lost): the
+    listing fails with the store's one-line error once a request's retries are spent,
+    instead of hanging, and no listing thread is left."""
+    proxy, store = proxied
+    st = store(max_attempts=2)
+    _chunk_dirs(st, 24)
+    lists = 0
+    lock = threading.Lock()
+
+    def rule(m: str, p: str) -> str:
+        nonlocal lists
+        if m == "GET" and "list-type=2" in p and "delimiter" not in p and "chunks%2F" in p:
+            with lock:
+                lists += 1
+                if lists > 5:
+                    return "lose"
+        return "pass"
+
+    proxy.rule = rule
+    outcome: list[BaseException | int] = []
+
+    def consume() -> None:
+        try:
+            outcome.append(sum(1 for _ in list_chunks(st)))
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(300)  # a hang, not a speed: two attempts take seconds
+    assert outcome, "the listing hung after the gateway stopped answering"
+    (err,) = outcome
+    assert isinstance(err, errors.OperationFailed), err
+    assert "listing chunks/" in str(err) and "\n" not in str(err)
+    assert _listing_threads() == []

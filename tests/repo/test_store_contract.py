@@ -13,8 +13,18 @@ import pytest
 
 from backupkit import errors
 from backupkit.repo import Repository
+from backupkit.repo import storage as storage_mod
 from backupkit.repo.importer import import_raw_images
-from backupkit.repo.storage import LocalStorage, Storage, StoreProperties, aligned_buffer
+from backupkit.repo.storage import (
+    LocalStorage,
+    ObjectInfo,
+    Storage,
+    StoreProperties,
+    aligned_buffer,
+    list_all,
+    list_chunks,
+    list_many,
+)
 from backupkit.repo.url import open_storage
 from tests.repo.helpers import CHUNK, rand
 from tests.repo.memstore import MemoryStorage
@@ -134,6 +144,99 @@ def test_list_by_prefix(store: Storage) -> None:
     assert {i.key for i in store.list("chunks/")} == {"chunks/00/00aa"}
     assert list(store.list("nothing/")) == []
     assert list(store.leftovers("")) == []
+
+
+def _listing_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("storage-list-")]
+
+
+def test_chunks_listed_across_prefixes(store: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """list_chunks (gc, verify, a commit's check) gives exactly what storage.list("chunks/")
+    gives, keys, sizes and mtimes, in any order: on a remote store (memory, S3) the
+    chunk directories are listed concurrently, handed over a few objects at a time
+    here (a small LIST_BATCH); no listing thread is left afterwards."""
+    monkeypatch.setattr(storage_mod, "LIST_BATCH", 2)
+    stored = {f"chunks/{h:02x}/{h:02x}{i:062x}": 1 + (h * 3 + i) % 17
+              for h in range(0, 256, 5) for i in range(h % 4)}
+    stored["chunks/zz/not-a-chunk"] = 4  # anything else under chunks/ is listed too (gc
+    stored["chunks/README"] = 6          # names it), an object right under it included
+    for k, n in stored.items():
+        assert store.put_if_absent(k, b"c" * n)
+    store.put_if_absent("backups/d/1/manifest.json", b"m")  # outside chunks/: not listed
+    whole = {i.key: i for i in store.list("chunks/")}
+    assert {k: i.size for k, i in whole.items()} == stored
+    got = list(list_chunks(store))
+    assert len(got) == len(stored)  # each once
+    assert {i.key: i.size for i in got} == stored
+    # mtimes by the store's clock, as list() gives them (the object right under
+    # chunks/ is never a chunk: gc only names it, and a remote store gives it mtime 0).
+    assert {i for i in got if i.key != "chunks/README"} == {
+        i for k, i in whole.items() if k != "chunks/README"}
+    dirs = sorted({k.rsplit("/", 1)[0] + "/" for k in stored if k.count("/") == 2})
+    assert sorted(list_many(store, dirs)) == sorted(
+        i for k, i in whole.items() if k != "chunks/README")
+    assert list(list_many(store, ["chunks/no/", "chunks/such/"])) == []
+    # The whole store (the metrics' recount): each object once, top-level ones included.
+    everything = list(list_all(store))
+    assert len(everything) == len({i.key for i in everything})
+    assert {i.key: i.size for i in everything} == {i.key: i.size for i in store.list("")}
+    # A consumer that stops early (close()) leaves no thread behind.
+    it = list_chunks(store)
+    assert isinstance(next(it), ObjectInfo)
+    it.close()
+    assert _listing_threads() == []
+
+
+def test_repository_stats_on_every_store(stores: StoreFactory) -> None:
+    """The metrics' count of a repository (after gc, a first backup) lists it through
+    Repository.list_objects (concurrently on a remote store): the same totals as one
+    plain listing."""
+    from backupkit import metrics
+
+    repo = Repository.init(stores(), chunk_size=CHUNK)
+    for i in range(5):
+        repo.put_chunk(rand(CHUNK, seed=i))
+    repo.storage.flush()
+    repo.storage.replace("backups/d/1/manifest.json", b"{}")
+    plain = list(repo.storage.list(""))
+    assert metrics.repository_stats(repo) == {
+        "size_bytes": sum(i.size for i in plain),
+        "chunks": sum(1 for i in plain if i.key.startswith("chunks/")),
+        "backups": 1}
+
+
+def test_chunk_listing_holds_a_few_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listing threads hand over a page at a time through a bounded queue: however
+    slow the consumer, objects listed but not yet consumed stay within a few pages per
+    thread (never a whole prefix's listing)."""
+    monkeypatch.setattr(storage_mod, "LIST_BATCH", 3)
+    monkeypatch.setattr(storage_mod, "ONE_PAGE", 1)  # fan out (the first object is dropped)
+    store = MemoryStorage()
+    for h in range(64):
+        for i in range(40):
+            store.put_if_absent(f"chunks/{h:02x}/{h:02x}{i:062x}", b"x")
+    pulled = 0
+    lock = threading.Lock()
+    inner = store.list
+
+    def counted(prefix: str) -> Iterator[ObjectInfo]:
+        nonlocal pulled
+        for info in inner(prefix):
+            with lock:
+                pulled += 1
+            yield info
+
+    monkeypatch.setattr(store, "list", counted)
+    workers = store.properties.concurrency
+    consumed = ahead = 0
+    for _info in list_chunks(store):
+        consumed += 1
+        with lock:
+            ahead = max(ahead, pulled - consumed)
+    assert consumed == 64 * 40
+    # queue (workers pages) + one page in each thread's hands + the page being consumed
+    assert ahead <= (2 * workers + 1) * 3 + 1
+    assert _listing_threads() == []
 
 
 def test_delete(store: Storage) -> None:
