@@ -130,7 +130,9 @@ bluestore_block_size = 21474836480
 osd_memory_target = 268435456
 # Settings for client.rgw.a go here, not in [client.rgw].
 [client]
-rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT
+# tcp_nodelay: without it a small GET waits ~40 ms (Nagle on the reply against the
+# client's delayed ACK: GET 44-51 ms, HEAD 3.5-8 ms, measured).
+rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT tcp_nodelay=1
 rgw_data = $STATE/rgw
 EOF
 mv "$CONF.new" "$CONF"

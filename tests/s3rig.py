@@ -120,7 +120,7 @@ class OwnGateway:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 ["radosgw", "-f", "-n", self.name, "-c", self.conf,
-                 "--rgw-frontends", f"beast endpoint=127.0.0.1:{self.port}",
+                 "--rgw-frontends", f"beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1",
                  "--log-file", self.log,
                  "--admin-socket", os.path.join(self.run_dir, f"{self.name}.asok"),
                  "--pid-file", os.path.join(self.run_dir, f"{self.name}.pid")],
