@@ -74,7 +74,7 @@ def panel(title: str, ylabel: str, data: Series, x0: float) -> str:
            f"{title}</text>",
            f'<rect x="{x0 + LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" '
            'stroke="#444"/>']
-    for t in _ticks(xlo, xhi):
+    for t in sorted(set(xs)):  # the measured sizes
         out.append(f'<line x1="{px(t):.1f}" y1="{TOP}" x2="{px(t):.1f}" y2="{TOP + ph}" '
                    'stroke="#ddd"/>')
         out.append(f'<text x="{px(t):.1f}" y="{TOP + ph + 16}" text-anchor="middle">'

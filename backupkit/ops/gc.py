@@ -47,58 +47,71 @@ BATCH = 1000  # keys per delete request (S3 DeleteObjects takes 1000)
 
 
 class DigestSet:
-    """Chunk hashes, compactly: a sorted array of their first 8 bytes (8 bytes each,
-    not ~100 for a set of bytes objects).  Two hashes sharing 8 bytes look alike: a
-    false "present", which only keeps a chunk (safe for gc)."""
+    """Chunk hashes, compactly: their first 8 bytes as integers in 256 sorted arrays (by
+    the first byte), 8 bytes each, not ~100 for a set of bytes objects.  Two hashes
+    sharing 8 bytes look alike: a false "present", which only keeps a chunk (safe for
+    gc).
 
-    _MERGE = 1 << 20  # pending hashes merged into the array this many at a time
+    New hashes wait in a small set per bucket and are merged into its array when that
+    set reaches ``MERGE_MIN`` or an eighth of the array: a merge sorts one bucket (1/256
+    of the hashes, two sorted runs: linear, in C), so merging costs a bounded number of
+    copies per hash, and the waiting sets hold at most ~1/8 of the hashes plus 256 x
+    MERGE_MIN (measured: 120 MiB peak for a gc of 1,000,000 chunks with one set of up to
+    a million waiting, bench/RESULTS.md)."""
+
+    MERGE_MIN = 512
+    MERGE_RATIO = 8
 
     def __init__(self) -> None:
-        self._sorted = array("Q")
-        self._pending: set[int] = set()
+        self._sorted = [array("Q") for _ in range(256)]
+        self._pending: list[set[int]] = [set() for _ in range(256)]
+        self._limit = [self.MERGE_MIN] * 256
 
     @staticmethod
     def _prefix(digest: bytes) -> int:
         return int.from_bytes(digest[:8], "big")
 
     def update(self, digests: Iterable[bytes]) -> None:
+        pending, limit = self._pending, self._limit
         for d in digests:
-            self._pending.add(self._prefix(d))
-            if len(self._pending) >= self._MERGE:
-                self._merge()
+            b = d[0]
+            part = pending[b]
+            part.add(int.from_bytes(d[:8], "big"))
+            if len(part) >= limit[b]:
+                self._merge(b)
 
-    def _merge(self) -> None:
-        if not self._pending:
+    def _merge(self, b: int) -> None:
+        new = self._pending[b]
+        if not new:
             return
-        new = sorted(self._pending)
-        self._pending = set()
-        out = array("Q")
-        a, i, j = self._sorted, 0, 0
-        while i < len(a) and j < len(new):
-            x, y = a[i], new[j]
-            if x < y:
-                out.append(x)
-                i += 1
-            elif y < x:
-                out.append(y)
-                j += 1
-            else:
-                out.append(x)
-                i += 1
-                j += 1
-        out.extend(a[i:])
-        out.extend(new[j:])
-        self._sorted = out
+        self._pending[b] = set()
+        old = self._sorted[b]
+        merged = old.tolist()
+        merged.extend(sorted(new.difference(merged) if len(merged) < 4 * len(new)
+                             else (x for x in new if not self._has(old, x))))
+        merged.sort()  # two sorted runs: one linear merge
+        self._sorted[b] = array("Q", merged)
+        self._limit[b] = max(self.MERGE_MIN, len(merged) // self.MERGE_RATIO)
+
+    @staticmethod
+    def _has(a: array[int], p: int) -> bool:
+        k = bisect.bisect_left(a, p)
+        return k < len(a) and a[k] == p
 
     def __contains__(self, digest: bytes) -> bool:
-        self._merge()
+        b = digest[0]
         p = self._prefix(digest)
-        k = bisect.bisect_left(self._sorted, p)
-        return k < len(self._sorted) and self._sorted[k] == p
+        return p in self._pending[b] or self._has(self._sorted[b], p)
 
     def __len__(self) -> int:
-        self._merge()
-        return len(self._sorted)
+        for b in range(256):
+            self._merge(b)
+        return sum(len(a) for a in self._sorted)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per merged hash."""
+        return self._sorted[0].itemsize
 
 
 def _refuse(d: str, bid: str, why: str, repo: Repository) -> CorruptRepository:

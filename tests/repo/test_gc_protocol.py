@@ -258,11 +258,15 @@ def test_cutoff_keeps_fresh_uploads_of_running_writers(store: Store) -> None:
 
 def test_digest_set_is_compact_and_exact_enough() -> None:
     s = DigestSet()
-    s._MERGE = 1000  # type: ignore[misc]
+    s.MERGE_MIN = 4  # type: ignore[misc]  # many merges, in every bucket
     ds = [rand(32, i) for i in range(5000)]
     s.update(ds[:2500])
     s.update(ds[:3000])  # repeats are merged away
+    s.update(ds[1000:1500])
     assert len(s) == 3000
     assert all(d in s for d in ds[:3000])
     assert not any(d in s for d in ds[3000:])
-    assert s._sorted.itemsize == 8
+    s.update(ds[4000:4100])  # added after a len(): still found, from the waiting sets too
+    assert all(d in s for d in ds[4000:4100]) and len(s) == 3100
+    assert s.itemsize == 8
+    assert all(list(a) == sorted(set(a)) for a in s._sorted)
