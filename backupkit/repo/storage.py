@@ -30,7 +30,7 @@ import secrets
 import stat
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from backupkit.errors import (
@@ -317,6 +317,14 @@ def _one_page(storage: Storage, prefix: str) -> list[ObjectInfo] | None:
     return page if len(page) < ONE_PAGE else None
 
 
+def _plainly(storage: Storage, prefix: str) -> Iterable[ObjectInfo] | None:
+    """The plain listing of prefix where no fan-out pays (a local store, or everything
+    in one page), else None."""
+    if storage.properties.local:
+        return storage.list(prefix)
+    return _one_page(storage, prefix)
+
+
 def list_chunks(storage: Storage) -> Iterator[ObjectInfo]:
     """Every object under chunks/ (as ``storage.list("chunks/")``), in no particular order.
 
@@ -328,12 +336,9 @@ def list_chunks(storage: Storage) -> Iterator[ObjectInfo]:
     as before (sorted).  Whatever else lies under chunks/ is listed too (gc names it);
     an object directly under chunks/ comes with mtime 0 (it is never a chunk).
     """
-    if storage.properties.local:
-        yield from storage.list("chunks/")
-        return
-    small = _one_page(storage, "chunks/")
-    if small is not None:
-        yield from small
+    plain = _plainly(storage, "chunks/")
+    if plain is not None:
+        yield from plain
         return
     yield from list_under(storage, "chunks/", storage.children("chunks/"))
 
@@ -342,12 +347,9 @@ def list_all(storage: Storage) -> Iterator[ObjectInfo]:
     """Every object of the store (as ``storage.list("")``), in no particular order: on a
     remote store holding more than a listing page, the top-level directories, then the
     chunk directories, concurrently; objects at the top (config.json) come with mtime 0."""
-    if storage.properties.local:
-        yield from storage.list("")
-        return
-    small = _one_page(storage, "")
-    if small is not None:
-        yield from small
+    plain = _plainly(storage, "")
+    if plain is not None:
+        yield from plain
         return
     yield from list_under(storage, "", [n for n in storage.children("") if n != "chunks"])
     yield from list_chunks(storage)
