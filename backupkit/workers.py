@@ -12,6 +12,35 @@ import threading
 from collections.abc import Callable, Sequence
 
 
+def wait_all(done: Sequence[threading.Event],
+             on_interrupt: Callable[[], None] | None = None) -> None:
+    """Wait until every event is set; each thread sets its own as its last step.
+
+    An interrupt of the waiting thread (a stop signal's KeyboardInterrupt) calls
+    ``on_interrupt`` once, goes on waiting, and is raised once all are set.
+
+    Not ``Thread.join``: on Python 3.11 a join interrupted by a signal handler's
+    exception takes the lock the still-running thread holds for being alive
+    (threading._wait_for_tstate_lock's bpo-45274 clean-up) and marks the thread
+    stopped, so every later join returns at once and ``is_alive()`` says False while
+    it runs.  A stop signal during ``backup --jobs`` then let the process exit under
+    its workers (a scratch directory and chunk tmp files left, seen in CI).
+    """
+    interrupted: BaseException | None = None
+    for ev in done:
+        while True:
+            try:
+                if ev.wait(0.2):
+                    break
+            except KeyboardInterrupt as e:
+                if interrupted is None:
+                    interrupted = e
+                    if on_interrupt is not None:
+                        on_interrupt()
+    if interrupted is not None:
+        raise interrupted
+
+
 def run_threads(name: str, targets: Sequence[Callable[[], None]], *,
                 stop: threading.Event | None = None,
                 background: Sequence[Callable[[], None]] = (),
@@ -23,8 +52,8 @@ def run_threads(name: str, targets: Sequence[Callable[[], None]], *,
     ``wake`` called, so that the others end at their next item.  ``background``
     threads (restore's read-ahead) run beside the targets until the targets are
     done; then ``stop`` is set and ``wake`` called for them.  An interrupt of
-    the waiting thread does the same and still waits for every thread: none
-    outlives the call (restore closes the output file next, whose descriptor
+    the waiting thread does the same and still waits for every thread (wait_all):
+    none outlives the call (restore closes the output file next, whose descriptor
     number could be reused).
     """
     stop = stop if stop is not None else threading.Event()
@@ -36,7 +65,7 @@ def run_threads(name: str, targets: Sequence[Callable[[], None]], *,
         if wake is not None:
             wake()
 
-    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+    def guarded(fn: Callable[[], None], ended: threading.Event) -> Callable[[], None]:
         def run() -> None:
             try:
                 fn()
@@ -44,23 +73,24 @@ def run_threads(name: str, targets: Sequence[Callable[[], None]], *,
                 with lock:
                     errors.append(e)
                 halt()
+            finally:
+                ended.set()
         return run
 
-    workers = [threading.Thread(target=guarded(fn), name=f"{name}-{i}", daemon=True)
-               for i, fn in enumerate(targets)]
-    extra = [threading.Thread(target=guarded(fn), name=f"{name}-background-{i}", daemon=True)
-             for i, fn in enumerate(background)]
-    started: list[threading.Thread] = []
+    def thread(fn: Callable[[], None], tname: str) -> tuple[threading.Thread, threading.Event]:
+        ended = threading.Event()
+        return threading.Thread(target=guarded(fn, ended), name=tname, daemon=True), ended
+
+    workers = [thread(fn, f"{name}-{i}") for i, fn in enumerate(targets)]
+    extra = [thread(fn, f"{name}-background-{i}") for i, fn in enumerate(background)]
+    started: list[tuple[threading.Thread, threading.Event]] = []
     try:
-        for t in [*workers, *extra]:
+        for t, ended in [*workers, *extra]:
             t.start()
-            started.append(t)
-        for t in started:
-            if t in workers:
-                t.join()
+            started.append((t, ended))
+        wait_all([ended for t, ended in started if (t, ended) in workers], halt)
     finally:
         halt()
-        for t in started:
-            t.join()
+        wait_all([ended for _t, ended in started], halt)
     if errors:
         raise errors[0]

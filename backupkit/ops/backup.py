@@ -58,6 +58,7 @@ from backupkit.virt import checkpoints as vcp
 from backupkit.virt import xml as vxml
 from backupkit.virt.access import QemuUser, blocking_dir, make_searchable
 from backupkit.virt.checkpoints import PREFIX, delete_checkpoint, owned
+from backupkit.workers import wait_all
 
 log = logging.getLogger("backupkit.backup")
 
@@ -254,6 +255,22 @@ def host_domain_lock(domain: str, wait: float = 0.0) -> Iterator[None]:
         yield
 
 
+def _remove_run_dir(path: str, tries: int = 30) -> None:
+    """Remove a run directory, waiting briefly for libvirt to let go of it.
+
+    Right after a job is aborted, libvirt may still be removing the socket and scratch
+    files it made in there: a removal racing it finds the directory not empty (seen
+    with two jobs stopped by SIGTERM: an empty directory was left).  So: try again
+    for up to 3 s; what still cannot be removed is left for the next run's cleanup.
+    """
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.1)
+    log.warning("could not remove %s (the next run of this domain removes it)", path)
+
+
 def _free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
@@ -387,7 +404,7 @@ class _Backup:
                 os.chown(path, user.uid, user.gid)
             yield path
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_run_dir(path)
 
     def cleanup_leftovers(self, keep: str | None, running: bool) -> None:
         if running and self.dom.backup_job_active():
@@ -986,7 +1003,13 @@ def _run_parallel(repo: Repository, conn: Connection, domains: Sequence[str], jo
     setup_errors: list[Error] = []
     done: set[str] = set()
 
-    def worker() -> None:
+    def worker(ended: threading.Event) -> None:
+        try:
+            work()
+        finally:
+            ended.set()
+
+    def work() -> None:
         held = contextlib.ExitStack()
         try:
             r = repo.sibling()
@@ -1016,20 +1039,14 @@ def _run_parallel(repo: Repository, conn: Connection, domains: Sequence[str], jo
         finally:
             held.close()  # the connection, then the writer lock
 
-    threads = [threading.Thread(target=worker, name=f"backup-job-{i}", daemon=True)
-               for i in range(jobs)]
+    ended = [threading.Event() for _ in range(jobs)]
+    threads = [threading.Thread(target=worker, args=(ev,), name=f"backup-job-{i}", daemon=True)
+               for i, ev in enumerate(ended)]
     for t in threads:
         t.start()
-    try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
-    except KeyboardInterrupt:
-        for t in threads:  # the workers see the stop request and clean up
-            while t.is_alive():
-                with contextlib.suppress(KeyboardInterrupt):
-                    t.join(0.2)
-        raise
+    # The workers see a stop request and clean up; wait_all waits for all of them
+    # (not Thread.join: see there) and then raises the interrupt.
+    wait_all(ended)
     stop = proc.stop_requested()
     if stop:
         raise Interrupted(stop)

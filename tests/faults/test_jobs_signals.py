@@ -8,6 +8,7 @@ remove their scratch directories, like a single run does.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -62,8 +63,10 @@ def test_sigterm_stops_every_job(make_domain: MakeDomain, bk: Bk, libvirt_conn: 
         assert len(listed) in (1, 2)
         latest = bk.json("show", td.name, "latest")
         assert [c.name for c in dom.checkpoints()] == [latest["checkpoint"]]
-    assert list(bk.scratch.iterdir()) == []
-    assert not list(bk.repo.rglob(".tmp-*"))
+    left = list(bk.scratch.iterdir())
+    assert left == [], ([(p.name, sorted(os.listdir(p)) if p.is_dir() else "file")
+                         for p in left], err[-4000:])
+    assert not list(bk.repo.rglob(".tmp-*")), (sorted(p.name for p in bk.repo.rglob(".tmp-*")), err[-3000:])
     bk.json("verify", "--data")
     # The next run of each is incremental and needs no repair.
     for td in doms:
