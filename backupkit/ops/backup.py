@@ -259,9 +259,9 @@ def _remove_run_dir(path: str, tries: int = 30) -> None:
     """Remove a run directory, waiting briefly for libvirt to let go of it.
 
     Right after a job is aborted, libvirt may still be removing the socket and scratch
-    files it made in there: a removal racing it finds the directory not empty (seen
-    with two jobs stopped by SIGTERM: an empty directory was left).  So: try again
-    for up to 3 s; what still cannot be removed is left for the next run's cleanup.
+    files it made in there, and a removal racing it finds the directory not empty.
+    So: try again for up to 3 s; what still cannot be removed is said, and left for
+    the next run's cleanup.
     """
     for _ in range(tries):
         shutil.rmtree(path, ignore_errors=True)
