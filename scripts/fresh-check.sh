@@ -24,7 +24,7 @@
 # Options:
 #   --keep             keep the root afterwards (its path is printed); default: remove it
 #   --no-cache         debootstrap anew instead of using the cached pristine root
-#   --timeout SECONDS  bound of the whole run (default 4500): the README's commands
+#   --timeout SECONDS  bound of the whole run (default 2700): the README's commands
 #                      are stopped when it is reached
 #   -h, --help         this text
 #
@@ -44,7 +44,7 @@ DROOT_TAG=fresh-check
 . "$here/scripts/debian-root.sh"
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;/^# shellcheck/d;s/^# \{0,1\}//;p}' "$0"; }
-droot_options 4500 "$@"
+droot_options 2700 "$@"
 [ "$(id -u)" = 0 ] || { echo "fresh-check: run as root (debootstrap, namespaces)" >&2; exit 2; }
 
 # Where the project is cloned inside: where `git clone` as root puts it.
