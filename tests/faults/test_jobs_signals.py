@@ -66,7 +66,8 @@ def test_sigterm_stops_every_job(make_domain: MakeDomain, bk: Bk, libvirt_conn: 
     left = list(bk.scratch.iterdir())
     assert left == [], ([(p.name, sorted(os.listdir(p)) if p.is_dir() else "file")
                          for p in left], err[-4000:])
-    assert not list(bk.repo.rglob(".tmp-*")), (sorted(p.name for p in bk.repo.rglob(".tmp-*")), err[-3000:])
+    tmps = sorted(p.name for p in bk.repo.rglob(".tmp-*"))
+    assert tmps == [], (tmps, err[-3000:])
     bk.json("verify", "--data")
     # The next run of each is incremental and needs no repair.
     for td in doms:
