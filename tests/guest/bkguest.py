@@ -559,6 +559,16 @@ class Guest:
             cmd["arguments"] = arguments
         return _agent_command(self.dom, cmd, timeout).get("return")
 
+    def wait_manifest(self, at_least: int, timeout: float = 60.0) -> int:
+        """The number of files the guest's writer has listed, once it is at least
+        ``at_least`` (or the timeout has passed: the caller asserts)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.manifest_count()
+            if n >= at_least or time.monotonic() > deadline:
+                return n
+            time.sleep(0.3)
+
     def manifest_count(self) -> int:
         """Number of files the writer has completed (read through the agent)."""
         out = self.exec(["/bin/sh", "-c", "wc -l < /data/MANIFEST"])

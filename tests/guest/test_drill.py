@@ -43,6 +43,9 @@ def test_drill_passes_then_fails_on_damage_leaving_nothing(
                    f'[metrics]\ntextfile = "{metrics}"\n')
     base = ["--config", str(cfg), "--json"]
     run_cli(*base, "init", check=True)
+    # The file-level check below needs a few files in the backup: on a slow machine the
+    # guest's writer had listed only 2 when the backup ran (CI).
+    assert guest.wait_manifest(3) >= 3
     run_cli(*base, "backup", "--quiesce", guest.name, check=True)
 
     cp = run_cli(*base, "drill", guest.name, "--timeout", "120",
